@@ -1,0 +1,109 @@
+"""Evaluation of a classifier on a public dev split: GLUE metric, sparsity, parameters, size, CPU latency.
+
+Runs on dev data only (never on private training data). Pure library.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from compression.models import TextClassifier, count_parameters
+from compression.train import length_chunks, pad
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float((pred == gold).mean())
+
+
+def f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    tp = float(((pred == 1) & (gold == 1)).sum())
+    denom = float((pred == 1).sum() + (gold == 1).sum())
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews(pred: np.ndarray, gold: np.ndarray) -> float:
+    tp, tn = float(((pred == 1) & (gold == 1)).sum()), float(((pred == 0) & (gold == 0)).sum())
+    fp, fn = float(((pred == 1) & (gold == 0)).sum()), float(((pred == 0) & (gold == 1)).sum())
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+
+
+def glue_metrics(metric: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """The task's GLUE metric(s) plus accuracy for classification. `metric` names the main one."""
+    if metric == "pearson_spearman":
+        pred = logits.reshape(-1)
+        pearson, spearman = stats.pearsonr(pred, gold)[0], stats.spearmanr(pred, gold)[0]
+        return {"pearson": float(pearson), "spearman": float(spearman),
+                "pearson_spearman": float((pearson + spearman) / 2)}
+    pred = logits.argmax(-1)
+    out = {"accuracy": accuracy(pred, gold)}
+    if metric == "f1":
+        out["f1"] = f1(pred, gold)
+    elif metric == "matthews":
+        out["matthews"] = matthews(pred, gold)
+    elif metric != "accuracy":
+        raise ValueError(f"unknown metric {metric!r}")
+    return out
+
+
+@torch.no_grad()
+def predict(model: TextClassifier, data: dict, *, batch_size: int = 64) -> np.ndarray:
+    """Logits for every example, in input order; batches are grouped by length to cut padding."""
+    ids = [torch.as_tensor(x) for x in data["input_ids"]]
+    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
+    lengths = torch.tensor([len(x) for x in ids])
+    out = torch.empty(len(ids), model.num_labels)
+    model.eval()
+    for chunk in length_chunks(torch.arange(len(ids)), lengths, batch_size):
+        input_ids, mask = pad([ids[i] for i in chunk])
+        token_types, _ = pad([types[i] for i in chunk])
+        out[chunk] = model(input_ids, mask, token_types).float()
+    return out.numpy()
+
+
+def sparsity(model: torch.nn.Module, names: list[str] | None = None) -> float:
+    """Fraction of exactly-zero entries over the named parameters (default: all encoder linear weights)."""
+    params = dict(model.named_parameters())
+    names = names or [n for n, p in params.items() if n.startswith("encoder.encoder.") and p.dim() == 2]
+    total = sum(params[n].numel() for n in names)
+    zeros = sum(int((params[n] == 0).sum()) for n in names)
+    return zeros / total if total else 0.0
+
+
+def size_on_disk(directory: str | Path) -> int:
+    """Bytes of every file under `directory`."""
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def cpu_latency(model: TextClassifier, *, batch_size: int, seq_len: int = 64, repeats: int = 5) -> float:
+    """Median seconds per forward pass of a `[batch_size, seq_len]` batch on this machine's CPU."""
+    model.eval()
+    ids = torch.randint(1000, 2000, (batch_size, seq_len))
+    mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+    model(ids, mask, types)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model(ids, mask, types)
+        times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
+def evaluate(model: TextClassifier, dev: dict, *, metric: str, directory: str | Path | None = None) -> dict:
+    """Every number the study table reports for one model (latency at batch 1, sequence 64)."""
+    gold = torch.as_tensor(dev["labels"]).numpy()
+    results = glue_metrics(metric, predict(model, dev), gold)
+    results["metric"] = results[metric]
+    results.update(sparsity=sparsity(model), parameters=count_parameters(model),
+                   nonzero_parameters=count_parameters(model, nonzero=True),
+                   latency_ms_b1=1000 * cpu_latency(model, batch_size=1), threads=torch.get_num_threads())
+    if directory is not None:
+        results["size_bytes"] = size_on_disk(directory)
+    results["cpu_count"] = os.cpu_count()
+    return results

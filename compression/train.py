@@ -1,0 +1,178 @@
+"""DP fine-tuning of a `TextClassifier` on tokenised examples: the training loop and its batching helpers.
+
+The top `trainable_layers` encoder layers and the head train; the frozen bottom runs once per stage and
+its hidden states are cached (public weights applied to each example: no privacy cost, no extra access
+pattern). Not here: the DP mechanics (privacy.engine) and the budget (privacy.ledger).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from compression.models import TextClassifier
+from privacy.engine import PoissonSampler, PrivateModel
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, index) -> [B]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Hyperparameters of one DP training stage. Batch sizes count examples; `epochs` may be fractional."""
+
+    epochs: float = 3.0
+    batch_size: int = 512            # expected logical batch (Poisson mean): sample_rate = batch_size / n
+    physical_batch_size: int = 64    # examples per forward/backward chunk (memory only, no privacy effect)
+    learning_rate: float = 2.0       # head
+    encoder_learning_rate: float = 0.05
+    optimizer: str = "sgd"           # "sgd" | "adamw"
+    momentum: float = 0.9            # sgd only
+    max_grad_norm: float = 1.0       # per-example clipping bound C
+    trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
+    seed: int = 0
+
+    def sample_rate(self, num_examples: int) -> float:
+        return min(1.0, self.batch_size / num_examples)
+
+    def num_steps(self, num_examples: int) -> int:
+        return max(1, math.ceil(self.epochs / self.sample_rate(num_examples)))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_steps: int
+    sample_rate: float
+    noise_multiplier: float
+    seconds: float
+
+
+def task_loss(num_labels: int) -> LossFn:
+    """Per-example cross-entropy (classification) or squared error (regression, num_labels=1)."""
+    if num_labels == 1:
+        return lambda logits, labels, index: (logits.squeeze(-1) - labels.float()) ** 2
+    return lambda logits, labels, index: F.cross_entropy(logits, labels, reduction="none")
+
+
+def pad(sequences: Sequence[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D token tensors or 2-D hidden-state tensors; returns (padded, attention_mask)."""
+    length = max(len(s) for s in sequences)
+    out = sequences[0].new_full((len(sequences), length, *sequences[0].shape[1:]), value)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return out, mask
+
+
+def length_chunks(index: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split example indices into chunks of similar length (less padding), at most `size` each."""
+    order = index[torch.argsort(lengths[index], stable=True)]
+    return list(order.split(size))
+
+
+@torch.no_grad()
+def cache_prefix(model: TextClassifier, data: dict, *, num_layers: int, chunk_size: int = 128) -> list[torch.Tensor]:
+    """Hidden states after the first `num_layers` layers, one unpadded `[len_i, H]` tensor per example."""
+    ids = [torch.as_tensor(x) for x in data["input_ids"]]
+    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
+    lengths = torch.tensor([len(x) for x in ids])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+    was_training = model.training
+    model.eval()
+    for chunk in length_chunks(torch.arange(len(ids)), lengths, chunk_size):
+        input_ids, mask = pad([ids[i] for i in chunk])
+        token_types, _ = pad([types[i] for i in chunk])
+        hidden = model.embed(input_ids, mask, token_types, num_layers=num_layers)
+        for row, i in enumerate(chunk.tolist()):
+            out[i] = hidden[row, : len(ids[i])].clone()
+    model.train(was_training)
+    return out
+
+
+def configure_trainable(model: TextClassifier, trainable_layers: int) -> int:
+    """Freeze all but the top `trainable_layers` layers and the head; return the first trainable layer."""
+    if not 0 <= trainable_layers <= model.num_layers:
+        raise ValueError(f"trainable_layers must be in [0, {model.num_layers}], got {trainable_layers}")
+    start = model.num_layers - trainable_layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in [*model.layers[start:], model.head]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return start
+
+
+def make_optimizer(model: TextClassifier, config: TrainConfig) -> torch.optim.Optimizer:
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": head, "lr": config.learning_rate}]
+    if body:
+        groups.append({"params": body, "lr": config.encoder_learning_rate})
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {config.optimizer!r}")
+    extra = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
+    return OPTIMIZERS[config.optimizer](groups, **extra)
+
+
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
+    """Hold pruned weights at exactly zero (called after every noisy step)."""
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+
+
+def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_multiplier: float,
+             loss_fn: LossFn | None = None, masks: dict[str, torch.Tensor] | None = None,
+             on_step: Callable[[int, dict], None] | None = None, secure_mode: bool = False) -> TrainResult:
+    """Train `model` in place with DP-SGD/DP-AdamW for `config.num_steps(n)` Poisson-sampled steps.
+
+    Args:
+        data: `compression.data.encode` output (unpadded `input_ids`, `token_type_ids`, `labels`).
+        noise_multiplier: sigma, calibrated by the caller against the study budget.
+        loss_fn: per-example loss `(logits, labels, example_index) -> [B]`; default: the task loss.
+        masks: parameter name -> {0,1} mask; masked weights are zero before and after every step.
+        on_step: called as `on_step(step, {"loss": ..., "batch_size": ...})` after each step (loss is local
+            progress information computed on private data: never send it to a tracking server).
+    """
+    labels = torch.as_tensor(data["labels"])
+    n = len(labels)
+    q, steps = config.sample_rate(n), config.num_steps(n)
+    loss_fn = loss_fn or task_loss(model.num_labels)
+    apply_masks(model, masks)
+    start = configure_trainable(model, config.trainable_layers)
+    hidden = cache_prefix(model, data, num_layers=start)
+    lengths = torch.tensor([len(h) for h in hidden])
+    private = PrivateModel(model, make_optimizer(model, config), noise_multiplier=noise_multiplier,
+                           max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
+                           secure_mode=secure_mode, seed=config.seed + 1)
+    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps, seed=config.seed)
+    model.train()
+    began = time.monotonic()
+    log.info("DP training: n=%d q=%.4g steps=%d sigma=%.4g C=%g", n, q, steps, noise_multiplier,
+             config.max_grad_norm)
+    for step, index in enumerate(sampler, start=1):
+        total = 0.0
+        for chunk in length_chunks(index, lengths, config.physical_batch_size):
+            states, mask = pad([hidden[i] for i in chunk])
+            logits = model.classify(states, mask, start_layer=start)  # hooks live on the submodules
+            losses = loss_fn(logits, labels[chunk], chunk)
+            total += float(losses.detach().sum())
+            private.backward(losses)
+        private.step()
+        apply_masks(model, masks)
+        if on_step:
+            on_step(step, {"loss": total / max(1, len(index)), "batch_size": len(index), "num_steps": steps})
+    private.close()
+    return TrainResult(num_steps=steps, sample_rate=q, noise_multiplier=noise_multiplier,
+                       seconds=time.monotonic() - began)
+
