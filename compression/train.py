@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,16 @@ class TrainConfig:
     physical_batch_size: int = 64    # examples per forward/backward chunk (memory only, no privacy effect)
     learning_rate: float = 2.0       # head
     encoder_learning_rate: float = 0.05
-    optimizer: str = "sgd"           # "sgd" | "adamw"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9            # sgd only
     max_grad_norm: float = 1.0       # per-example clipping bound C
     trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "physical_batch_size", "learning_rate", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def sample_rate(self, num_examples: int) -> float:
         return min(1.0, self.batch_size / num_examples)

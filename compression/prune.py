@@ -1,0 +1,92 @@
+"""Unstructured magnitude pruning: masks over chosen weight tensors, global or per tensor, and schedules.
+
+Masks are plain {0,1} tensors kept beside the model (not `torch.nn.utils.prune` re-parametrisation, which
+Opacus hooks do not see); the training loop multiplies them in after every noisy step. Pure library.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+SCORERS: dict[str, Scorer] = {"magnitude": lambda w: w.detach().abs()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """Iterative magnitude pruning: `rounds` rounds, each bringing sparsity up to the schedule's next value."""
+
+    target_sparsity: float = 0.5     # fraction of the selected weights that are zero after the last round
+    rounds: int = 2
+    scope: Literal["global", "layer"] = "global"   # one threshold over all tensors, or one per tensor
+    scorer: str = "magnitude"
+    include: str = "encoder.encoder.layer."   # name prefix of prunable tensors (2-D weights only)
+
+    def __post_init__(self):
+        if not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {self.scope!r}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
+
+    def sparsity_after(self, round_index: int) -> float:
+        """Sparsity reached after round `round_index` (1-based): equal steps in kept fraction, geometrically."""
+        keep = (1 - self.target_sparsity) ** (round_index / self.rounds)
+        return 1 - keep
+
+
+def prunable(model: nn.Module, include: str) -> dict[str, nn.Parameter]:
+    """2-D weight tensors whose names start with `include` (default: the encoder layers' linear weights)."""
+    return {n: p for n, p in model.named_parameters() if n.startswith(include) and p.dim() == 2}
+
+
+def magnitude_masks(model: nn.Module, *, sparsity: float, include: str, scope: str = "global",
+                    scorer: str = "magnitude", previous: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Masks that zero the lowest-scoring `sparsity` fraction of the selected weights.
+
+    Weights already pruned (`previous`) score -inf, so they stay pruned and count toward the target.
+    """
+    params = prunable(model, include)
+    if not params:
+        raise ValueError(f"no 2-D parameters start with {include!r}")
+    scores = {}
+    for name, p in params.items():
+        s = SCORERS[scorer](p).float()
+        if previous and name in previous:
+            s = s.masked_fill(previous[name] == 0, float("-inf"))
+        scores[name] = s
+    if scope == "global":
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        k = int(round(sparsity * flat.numel()))
+        threshold = _kth(flat, k)
+        return {n: (s > threshold).float() for n, s in scores.items()}
+    return {n: (s > _kth(s.flatten(), int(round(sparsity * s.numel())))).float() for n, s in scores.items()}
+
+
+def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
+    return torch.kthvalue(values, k).values if k else torch.tensor(float("-inf"))
+
+
+def sparsity_report(masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-tensor sparsity and the overall figure under the key "overall"."""
+    report = {n: 1 - float(m.mean()) for n, m in masks.items()}
+    total = sum(m.numel() for m in masks.values())
+    report["overall"] = 1 - sum(float(m.sum()) for m in masks.values()) / total if total else 0.0
+    return report
+
+
+def save_masks(masks: dict[str, torch.Tensor], path) -> None:
+    torch.save({n: m.bool() for n, m in masks.items()}, path)
+
+
+def load_masks(path) -> dict[str, torch.Tensor]:
+    return {n: m.float() for n, m in torch.load(path, weights_only=True).items()}

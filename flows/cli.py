@@ -1,0 +1,73 @@
+"""The `dpcompress` command: run a study from its YAML config and print the summary table."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from flows.config import GLUE_DIR_ENV, ConfigError, load_config
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table, one row per model."""
+    if not rows:
+        return "(no models)"
+    headers = list(rows[0])
+    cells = [[_fmt(r.get(h)) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 and value else f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def cmd_run(args) -> int:
+    try:
+        cfg = load_config(args.config, args.set, glue_dir=args.glue_dir)
+    except (ConfigError, ValueError) as err:
+        print(f"dpcompress: {err}", file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    from flows.study import study
+
+    print(f"study {cfg.name!r}: output in {cfg.study_dir}, tracking at {cfg.tracking_uri()}")
+    rows = study(config_path=str(args.config), overrides=args.set, glue_dir=args.glue_dir)
+    print()
+    print(format_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpcompress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a study; finished stages are reused from the cache")
+    run.add_argument("config", help="study YAML file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set privacy.epsilon=4 (repeatable)")
+    run.add_argument("--glue-dir", default=None,
+                     help=f"local GLUE folder (SST-2/, CoLA/, ...) when data.dir is unset; or ${GLUE_DIR_ENV}")
+    run.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

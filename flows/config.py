@@ -1,0 +1,121 @@
+"""The typed study config: one YAML file, validated before any work, with `--set key=value` overrides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from compression.data import DataConfig
+from compression.distill import DistillConfig
+from compression.models import ModelConfig
+from compression.prune import PruneConfig
+from compression.train import TrainConfig
+from privacy.config import BudgetConfig
+
+GLUE_DIR_ENV = "DPCOMPRESS_GLUE_DIR"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PruneSection(_Section):
+    enabled: bool = True
+    schedule: PruneConfig = PruneConfig()
+    train: TrainConfig = TrainConfig(epochs=1.0)
+
+
+class DistillSection(_Section):
+    enabled: bool = True
+    method: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class TrackingSection(_Section):
+    uri: str | None = None                   # MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite in output_dir
+    experiment: str = "dpcompress"
+    registered_model: str | None = None      # registry name of the final model; default "<name>-<task>"
+
+
+class StudyConfig(_Section):
+    name: str = "study"
+    output_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    privacy: BudgetConfig = BudgetConfig()
+    teacher: TrainConfig = TrainConfig()
+    prune: PruneSection = PruneSection()
+    distill: DistillSection = DistillSection()
+    tracking: TrackingSection = TrackingSection()
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.study_dir / 'mlflow.db'}"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad key."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set needs KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | None = None) -> StudyConfig:
+    """Read, override and validate a study config. A local GLUE folder may come from `glue_dir` or $DPCOMPRESS_GLUE_DIR."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides))
+    glue_dir = glue_dir or os.environ.get(GLUE_DIR_ENV)
+    if glue_dir and isinstance(raw.get("data"), dict) and not raw["data"].get("dir"):
+        raw["data"]["dir"] = str(Path(glue_dir).resolve())
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: invalid config\n{format_errors(err)}") from None
+
+
+def format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = f"unknown key; allowed here: {', '.join(_allowed_keys(e['loc'][:-1]))}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    node: Any = StudyConfig
+    for part in loc:
+        fields = getattr(node, "model_fields", None) or getattr(node, "__dataclass_fields__", {})
+        field = fields.get(part)
+        node = getattr(field, "annotation", None) or getattr(field, "type", None)
+    fields = getattr(node, "model_fields", None) or getattr(node, "__dataclass_fields__", {})
+    return sorted(fields)

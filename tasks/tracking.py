@@ -1,0 +1,124 @@
+"""The only module that talks to MLflow: the study's parent run, one nested run per stage, the registry.
+
+Only public or privatised values are logged: configs, ledgers, dev-set metrics, model weights of DP
+models. Never training texts, per-example values or losses computed on private training data.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+
+log = logging.getLogger(__name__)
+STUDY_TAG = "dpcompress.study_key"
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(name)
+    return found.experiment_id if found else mlflow_client.create_experiment(name)
+
+
+def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: dict) -> str:
+    """The parent run of a study: reused when the same study (same config) is run or resumed again."""
+    mlflow_client = client(uri)
+    exp = experiment_id(uri, experiment)
+    runs = mlflow_client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{study_key}'", max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+        mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = mlflow_client.create_run(exp, run_name=name, tags={STUDY_TAG: study_key, "dpcompress.kind": "study"})
+    _log_dict(mlflow_client, run.info.run_id, config, "config.json")
+    for key, value in _flatten(config).items():
+        mlflow_client.log_param(run.info.run_id, key, str(value)[:500])
+    return run.info.run_id
+
+
+def end_study(*, uri: str, run_id: str, failed: bool = False, table: list[dict] | None = None) -> None:
+    mlflow_client = client(uri)
+    if table is not None:
+        _log_dict(mlflow_client, run_id, table, "summary.json")
+    mlflow_client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+class StageRun:
+    """A nested run for one stage; methods log through the client (safe from any thread)."""
+
+    def __init__(self, mlflow_client: MlflowClient, run_id: str):
+        self.client, self.run_id = mlflow_client, run_id
+
+    def params(self, params: dict) -> None:
+        for key, value in _flatten(params).items():
+            self.client.log_param(self.run_id, key, str(value)[:500])
+
+    def metrics(self, metrics: dict, step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+@contextlib.contextmanager
+def stage_run(*, uri: str, parent_run_id: str, stage: str) -> Iterator[StageRun]:
+    """Open a nested run under the study run; it ends FAILED if the stage raises."""
+    mlflow_client = client(uri)
+    parent = mlflow_client.get_run(parent_run_id)
+    run = mlflow_client.create_run(parent.info.experiment_id, run_name=stage,
+                                   tags={"mlflow.parentRunId": parent_run_id, "dpcompress.stage": stage})
+    try:
+        yield StageRun(mlflow_client, run.info.run_id)
+    except BaseException:
+        mlflow_client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow_client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def register_model(*, uri: str, run_id: str, model, name: str, tags: dict, pip_requirements: list[str],
+                   code_paths: list[str]) -> str:
+    """Log `model` (pytorch flavour) under `run_id`, register it as `name`, tag the version; returns the version."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=pip_requirements, code_paths=code_paths)
+    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def _log_dict(mlflow_client: MlflowClient, run_id: str, data, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        mlflow_client.log_artifact(run_id, str(path))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,128 @@
+"""Prefect tasks for the stages that train on private data: DP teacher, DP pruning rounds, DP distillation.
+
+Each checks the study ledger before touching data, trains through the library, saves model + ledger,
+logs to its MLflow stage run, and returns a `ModelRef`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+
+from compression.data import load_encoded
+from compression.distill import DistillConfig, kd_loss, make_student
+from compression.evaluate import predict
+from compression.models import ModelConfig, load_classifier, load_saved, save_classifier
+from compression.prune import PruneConfig, load_masks, magnitude_masks, save_masks, sparsity_report
+from compression.train import TrainConfig, dp_train
+from privacy.accounting import DPEvent, compose_epsilon
+from privacy.config import StageBudget
+from privacy.ledger import Ledger, LedgerEntry
+from tasks import tracking
+from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.refs import DataRef, ModelRef, sha256_of
+
+
+def _progress(stage: str, run: tracking.StageRun, ledger: Ledger, event: DPEvent, budget: StageBudget):
+    """An on_step callback: console progress (steps, loss, epsilon so far, ETA); epsilon alone goes to MLflow."""
+    logger = get_run_logger()
+    began, last = time.monotonic(), [0.0]
+
+    def on_step(step: int, metrics: dict) -> None:
+        now = time.monotonic()
+        if step != metrics["num_steps"] and now - last[0] < 15:
+            return
+        last[0] = now
+        partial = DPEvent(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, num_steps=step)
+        eps = compose_epsilon([*ledger.events(), partial], delta=budget.delta, accountant=budget.accountant)
+        eta = (now - began) / step * (metrics["num_steps"] - step)
+        logger.info("%s: step %d/%d  loss %.4f  eps %.3f/%.3f  ETA %ds", stage, step, metrics["num_steps"],
+                    metrics["loss"], eps, budget.target_epsilon, eta)
+        run.metrics({"epsilon_spent": eps}, step=step)
+    return on_step
+
+
+def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig, budget: StageBudget,
+              spent: ModelRef | None, out: Path, tracking_uri: str, parent_run_id: str,
+              masks=None, loss_fn=None, params: dict | None = None) -> ModelRef:
+    ledger = Ledger.load(spent.ledger_path) if spent else Ledger()
+    event = DPEvent(noise_multiplier=budget.noise_multiplier, sample_rate=train.sample_rate(data.num_train),
+                    num_steps=train.num_steps(data.num_train))
+    epsilon = ledger.check_fits(stage=stage, event=event, target_epsilon=budget.target_epsilon,
+                                delta=budget.delta, accountant=budget.accountant)  # refuses before any data
+    with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
+        run.params({"train": vars(train), "noise_multiplier": event.noise_multiplier,
+                    "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
+        encoded = load_encoded(Path(data.path) / "train.pt")
+        dp_train(model, encoded, config=train, noise_multiplier=event.noise_multiplier, masks=masks,
+                 loss_fn=loss_fn, on_step=_progress(stage, run, ledger, event, budget),
+                 secure_mode=budget.secure_mode)
+        ledger = ledger.append(LedgerEntry(
+            stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
+            num_steps=event.num_steps, max_grad_norm=train.max_grad_norm, epsilon_after=epsilon,
+            delta=budget.delta, accountant=budget.accountant, dataset_fingerprint=data.fingerprint))
+        save_classifier(model, tokenizer, out / "model")
+        ledger.save(out / "ledger.json")
+        masks_path = None
+        if masks:
+            save_masks(masks, out / "masks.pt")
+            masks_path = str(out / "masks.pt")
+        run.metrics({"epsilon": epsilon, "delta": budget.delta})
+        run.tags({"epsilon": f"{epsilon:.4f}", "delta": f"{budget.delta:.3g}", "accountant": budget.accountant,
+                  "sampling": "poisson", "unit_of_privacy": "example"})
+        run.artifact(out / "ledger.json")
+    return ModelRef(stage=stage, path=str(out / "model"), sha256=sha256_of(out / "model"),
+                    ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
+                    epsilon=epsilon, delta=budget.delta, run_id=run.run_id, masks_path=masks_path)
+
+
+@task(name="train_teacher", cache_policy=STAGE_CACHE, persist_result=True)
+def train_teacher(*, stage: str, data: DataRef, model: ModelConfig, train: TrainConfig, budget: StageBudget,
+                  output_dir: str, tracking_uri: str, parent_run_id: str) -> ModelRef:
+    out = stage_dir(output_dir, stage, {"data": data, "model": model, "train": train, "budget": budget})
+    net, tokenizer = load_classifier(model.name_or_path, num_labels=data.num_labels, pooling=model.pooling,
+                                     dropout=model.dropout, seed=train.seed)
+    return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
+                     spent=None, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     params={"model": vars(model)})
+
+
+@task(name="prune_round", cache_policy=STAGE_CACHE, persist_result=True)
+def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: PruneConfig,
+                train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str,
+                parent_run_id: str) -> ModelRef:
+    out = stage_dir(output_dir, stage, {"upstream": upstream, "schedule": schedule, "train": train,
+                                        "budget": budget, "round": round_index})
+    net, tokenizer = load_saved(upstream.path)
+    previous = load_masks(upstream.masks_path) if upstream.masks_path else None
+    target = schedule.sparsity_after(round_index)
+    masks = magnitude_masks(net, sparsity=target, include=schedule.include, scope=schedule.scope,
+                            scorer=schedule.scorer, previous=previous)
+    get_run_logger().info("%s: pruning to %.1f%% of %s weights", stage, 100 * target, schedule.include)
+    report = sparsity_report(masks)
+    return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
+                     spent=upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     masks=masks, params={"target_sparsity": target, "schedule": vars(schedule),
+                                          "mask_sparsity": report["overall"]})
+
+
+@task(name="distill", cache_policy=STAGE_CACHE, persist_result=True)
+def distill(*, stage: str, teacher: ModelRef, spent: ModelRef, data: DataRef, method: DistillConfig,
+            train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str,
+            parent_run_id: str) -> ModelRef:
+    out = stage_dir(output_dir, stage, {"teacher": teacher, "spent": spent, "method": method, "train": train,
+                                        "budget": budget})
+    net, tokenizer = load_saved(teacher.path)
+    encoded = load_encoded(Path(data.path) / "train.pt")
+    soft = torch.as_tensor(predict(net, encoded))  # post-processing of the DP teacher: no privacy cost
+    student = make_student(net, method)
+
+    def loss_fn(logits, labels, index):
+        return kd_loss(logits, soft[index], labels, alpha=method.alpha, temperature=method.temperature)
+
+    return _dp_stage(stage=stage, model=student, tokenizer=tokenizer, data=data, train=train, budget=budget,
+                     spent=spent, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     loss_fn=loss_fn, params={"method": vars(method), "student_layers": student.num_layers})
+

@@ -1,0 +1,136 @@
+"""Oracle tests for the DP engine: clipped sums against one-example-at-a-time microbatches, noise scale,
+Poisson sampling, and masks held at zero through noisy steps."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compression.models import build_tiny
+from compression.train import TrainConfig, configure_trainable, dp_train, pad
+from privacy.engine import PoissonSampler, PrivateModel
+
+
+def _batch(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (n,), generator=g)
+    ids = [torch.randint(5, 1000, (int(k),), generator=g) for k in lengths]
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return ids, labels
+
+
+def _forward(model, ids):
+    input_ids, mask = pad(ids)
+    return model(input_ids, mask, torch.zeros_like(input_ids))
+
+
+def _oracle_update(model, ids, labels, clip):
+    """Sum over examples of each example's gradient clipped to norm `clip`, one example at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for x, y in zip(ids, labels):
+        loss = F.cross_entropy(_forward(model, [x]), y.view(1))
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        scale = min(1.0, clip / (float(norm) + 1e-6))
+        for t, g in zip(total, grads):
+            t += scale * g
+    return total
+
+
+@pytest.mark.parametrize("clip", [0.01, 1e6])  # every example clipped / none clipped
+@pytest.mark.parametrize("trainable_layers", [0, 2])
+def test_clipped_sum_matches_microbatch_oracle(clip, trainable_layers):
+    model = build_tiny(seed=1, dropout=0.0)  # no dropout: the oracle and the engine see the same function
+    configure_trainable(model, trainable_layers)
+    ids, labels = _batch()
+    expected = _oracle_update(model, ids, labels, clip)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    private = PrivateModel(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+                           noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(ids))
+    for chunk in ([0, 1, 2, 3], [4, 5]):  # two physical chunks, one logical batch
+        logits = _forward(model, [ids[i] for i in chunk])
+        private.backward(F.cross_entropy(logits, labels[chunk], reduction="none"))
+    private.step()
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    for b, a, e in zip(before, after, expected):
+        torch.testing.assert_close(b - a, e / len(ids), rtol=1e-4, atol=1e-6)
+    if clip < 1:  # every contribution had norm exactly C, so the sum has norm <= n*C
+        total_norm = torch.sqrt(sum(((b - a) ** 2).sum() for b, a in zip(before, after))) * len(ids)
+        assert float(total_norm) <= len(ids) * clip * (1 + 1e-4)
+
+
+def test_each_example_is_clipped_to_the_bound():
+    model = build_tiny(seed=2, dropout=0.0)
+    configure_trainable(model, 2)
+    ids, labels = _batch(n=5, seed=3)
+    clip = 0.05
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(len(ids)):  # one example per logical batch: the update is that example's clipped gradient
+        before = [p.detach().clone() for p in params]
+        private = PrivateModel(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0,
+                               max_grad_norm=clip, expected_batch_size=1)
+        private.backward(F.cross_entropy(_forward(model, [ids[i]]), labels[i : i + 1], reduction="none"))
+        assert float(private.per_example_norms()[0]) > clip  # the bound is active
+        private.step()
+        private.close()
+        delta = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, params)))
+        assert float(delta) == pytest.approx(clip, rel=1e-3)
+
+
+def test_noise_has_std_sigma_times_clip_over_batch():
+    model = build_tiny(hidden_size=64, intermediate_size=256, seed=3)
+    configure_trainable(model, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    sigma, clip, batch = 1.7, 0.3, 4
+    private = PrivateModel(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
+                           expected_batch_size=batch, seed=0)
+    ids, _ = _batch(n=batch)
+    private.backward(_forward(model, ids).sum(-1) * 0.0)  # zero loss: the update is pure noise
+    private.step()
+    noise = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
+    expected = sigma * clip / batch
+    n = noise.numel()
+    assert n > 50_000
+    assert float(noise.std()) == pytest.approx(expected, rel=4 / n**0.5 * 3)
+    assert abs(float(noise.mean())) < 4 * expected / n**0.5
+
+
+def test_empty_batch_still_takes_a_noise_step():
+    model = build_tiny(seed=4)
+    configure_trainable(model, 0)
+    before = model.head.weight.detach().clone()
+    private = PrivateModel(model, torch.optim.SGD(model.head.parameters(), lr=1.0), noise_multiplier=1.0,
+                           max_grad_norm=1.0, expected_batch_size=2, seed=0)
+    private.step()
+    assert not torch.equal(before, model.head.weight.detach())
+
+
+def test_poisson_sampler_rate_and_reproducibility():
+    a = PoissonSampler(num_examples=2000, sample_rate=0.05, num_steps=200, seed=7)
+    sizes = [len(ix) for ix in a]
+    mean = sum(sizes) / len(sizes)
+    assert mean == pytest.approx(100, rel=0.05)
+    assert len(set(sizes)) > 5  # batch sizes vary: sampling is Poisson, not fixed-size
+    b = PoissonSampler(num_examples=2000, sample_rate=0.05, num_steps=200, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(PoissonSampler(num_examples=2000, sample_rate=0.05,
+                                                                num_steps=200, seed=7), b))
+    with pytest.raises(ValueError):
+        PoissonSampler(num_examples=10, sample_rate=0.0, num_steps=1, seed=0)
+
+
+def test_masked_weights_stay_exactly_zero_through_noisy_steps():
+    model = build_tiny(seed=5)
+    ids, labels = _batch(n=40, seed=5)
+    data = {"input_ids": [x.tolist() for x in ids], "token_type_ids": [[0] * len(x) for x in ids], "labels": labels}
+    name = "encoder.encoder.layer.1.intermediate.dense.weight"
+    weight = dict(model.named_parameters())[name]
+    mask = (torch.rand_like(weight) > 0.5).float()
+    original = copy.deepcopy(weight.detach())
+    dp_train(model, data, config=TrainConfig(epochs=2, batch_size=10, physical_batch_size=4, trainable_layers=2),
+             noise_multiplier=2.0, masks={name: mask})
+    weight = dict(model.named_parameters())[name].detach()
+    assert torch.all(weight[mask == 0] == 0)
+    assert not torch.equal(weight[mask == 1], original[mask == 1])  # the unmasked part did train
