@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.models import TextClassifier
+from compression.models import TextClassifier, fresh_encoder_like
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +64,7 @@ def every_other_layer(teacher: TextClassifier, layer_map: tuple[int, ...] | None
 def random_init(teacher: TextClassifier, layer_map: tuple[int, ...] | None = None) -> TextClassifier:
     """Baseline: the student's shape with freshly initialised weights."""
     student = every_other_layer(teacher, layer_map)
-    student.encoder.init_weights()
+    student.encoder = fresh_encoder_like(student)
     nn.init.normal_(student.head.weight, std=0.02)
     nn.init.zeros_(student.head.bias)
     return student

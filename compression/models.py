@@ -110,15 +110,23 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str = "mean"
     if (Path(path) / _META_FILE).exists():
         return load_saved(path)
     try:
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
-    except TypeError:
-        encoder = AutoModel.from_pretrained(path)
+        encoder = _encoder(path)
     except OSError as err:
         raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no local folder or cached hub model "
                                 f"could be loaded ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
     return TextClassifier(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout), tokenizer
+
+
+def _encoder(path, config=None) -> PreTrainedModel:
+    """A bare encoder (no pooler: the classifier pools itself) from a folder/hub name, or fresh from a config."""
+    make = (lambda **kw: AutoModel.from_config(config, **kw)) if config else (
+        lambda **kw: AutoModel.from_pretrained(path, **kw))
+    try:
+        return make(add_pooling_layer=False)
+    except TypeError:  # encoders without a pooler option
+        return make()
 
 
 def build_tiny(*, num_labels: int = 2, vocab_size: int = 1000, hidden_size: int = 32, num_layers: int = 2,
@@ -130,7 +138,7 @@ def build_tiny(*, num_labels: int = 2, vocab_size: int = 1000, hidden_size: int 
                                   intermediate_size=intermediate_size, max_position_embeddings=128,
                                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
-    encoder = AutoModel.from_config(config, add_pooling_layer=False)
+    encoder = _encoder(None, config)
     return TextClassifier(encoder, num_labels=num_labels, dropout=dropout)
 
 
@@ -154,11 +162,15 @@ def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> 
 def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
     directory = Path(directory)
     meta = json.loads((directory / _META_FILE).read_text())
-    encoder = AutoModel.from_pretrained(directory)
-    model = TextClassifier(encoder, **meta)
+    model = TextClassifier(_encoder(directory), **meta)
     model.head.load_state_dict(torch.load(directory / _HEAD_FILE, weights_only=True))
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
     return model, tokenizer
+
+
+def fresh_encoder_like(model: TextClassifier) -> PreTrainedModel:
+    """A randomly initialised encoder with `model`'s configuration."""
+    return _encoder(None, model.encoder.config)
 
 
 def count_parameters(model: nn.Module, *, nonzero: bool = False) -> int:

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from compression.models import build_tiny
+from compression.prune import PruneConfig, load_masks, magnitude_masks, prunable, save_masks, sparsity_report
+
+INCLUDE = "encoder.encoder.layer."
+
+
+def test_global_masks_hit_target_and_remove_smallest_weights():
+    model = build_tiny(seed=0)
+    masks = magnitude_masks(model, sparsity=0.5, include=INCLUDE)
+    assert sparsity_report(masks)["overall"] == pytest.approx(0.5, abs=1e-3)
+    params = prunable(model, INCLUDE)
+    kept = torch.cat([params[n].detach().abs()[m == 1] for n, m in masks.items()])
+    pruned = torch.cat([params[n].detach().abs()[m == 0] for n, m in masks.items()])
+    assert float(pruned.max()) <= float(kept.min())
+    assert set(masks) == set(params) and all(p.dim() == 2 for p in params.values())
+    assert not any("embeddings" in n or "head" in n for n in masks)
+
+
+def test_layer_scope_prunes_every_tensor_to_target():
+    model = build_tiny(seed=1)
+    masks = magnitude_masks(model, sparsity=0.3, include=INCLUDE, scope="layer")
+    for name, value in sparsity_report(masks).items():
+        assert value == pytest.approx(0.3, abs=0.02), name
+
+
+def test_iterative_rounds_keep_earlier_pruning_and_follow_schedule():
+    model = build_tiny(seed=2)
+    schedule = PruneConfig(target_sparsity=0.75, rounds=2)
+    assert schedule.sparsity_after(1) == pytest.approx(0.5)
+    assert schedule.sparsity_after(2) == pytest.approx(0.75)
+    first = magnitude_masks(model, sparsity=schedule.sparsity_after(1), include=INCLUDE)
+    with torch.no_grad():  # weights move between rounds; pruned ones must stay pruned anyway
+        for name, p in prunable(model, INCLUDE).items():
+            p.add_(torch.randn_like(p))
+            p.mul_(first[name])
+    second = magnitude_masks(model, sparsity=schedule.sparsity_after(2), include=INCLUDE, previous=first)
+    for name in first:
+        assert torch.all(second[name][first[name] == 0] == 0)
+    assert sparsity_report(second)["overall"] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_zero_sparsity_keeps_everything_and_bad_settings_fail(tmp_path):
+    model = build_tiny(seed=3)
+    masks = magnitude_masks(model, sparsity=0.0, include=INCLUDE)
+    assert sparsity_report(masks)["overall"] == 0.0
+    save_masks(masks, tmp_path / "m.pt")
+    assert all(torch.equal(masks[n], m) for n, m in load_masks(tmp_path / "m.pt").items())
+    with pytest.raises(ValueError, match="target_sparsity"):
+        PruneConfig(target_sparsity=1.0)
+    with pytest.raises(ValueError, match="no 2-D parameters"):
+        magnitude_masks(model, sparsity=0.5, include="nothing.")
