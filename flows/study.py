@@ -7,7 +7,8 @@ import json
 from prefect import flow
 
 from flows.config import StudyConfig, load_config
-from flows.plan import plan_budget
+from flows.plan import private_stages
+from tasks.budget import plan_privacy
 from tasks.data import prepare_data
 from tasks.evaluation import close_study, evaluate_model, open_study, register_final
 from tasks.training import distill, prune_round, train_teacher
@@ -31,21 +32,21 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     common = {"output_dir": out, "tracking_uri": uri, "parent_run_id": parent}
     try:
         data = prepare_data(data=cfg.data, tokenizer_name=cfg.model.name_or_path, **common)
-        plan = plan_budget(cfg, data.num_train)
+        plan = plan_privacy(stages=private_stages(cfg, data.num_train), budget=cfg.privacy, num_train=data.num_train)
 
         teacher = train_teacher(stage="teacher", data=data, model=cfg.model, train=cfg.teacher,
-                                budget=plan["teacher"].budget, **common)
+                                budget=plan["teacher"], **common)
         models, last = [teacher], teacher
         if cfg.prune.enabled:
             for r in range(1, cfg.prune.schedule.rounds + 1):
                 last = prune_round(stage=f"prune_{r}", round_index=r, upstream=last, data=data,
                                    schedule=cfg.prune.schedule, train=cfg.prune.train,
-                                   budget=plan[f"prune_{r}"].budget, **common)
+                                   budget=plan[f"prune_{r}"], **common)
                 models.append(last)
         if cfg.distill.enabled:
             models.append(distill(stage="distill", teacher=teacher, spent=last, data=data,
                                   method=cfg.distill.method, train=cfg.distill.train,
-                                  budget=plan["distill"].budget, **common))
+                                  budget=plan["distill"], **common))
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
         register_final(model=models[-1], name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}",

@@ -12,6 +12,8 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 
 _PACKAGES = ("compression", "privacy", "tasks")
+# Where results are logged does not change what they are: a new study run reuses the stages it shares.
+NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id"})
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +62,7 @@ class StageInputs(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         stage = inputs.get("stage") or task_ctx.task.name
-        return inputs_key(str(stage), {k: v for k, v in inputs.items() if k != "on_step"})
+        return inputs_key(str(stage), {k: v for k, v in inputs.items() if k not in NOT_IN_KEY})
 
 
 STAGE_CACHE = StageInputs()

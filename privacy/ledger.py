@@ -1,0 +1,211 @@
+"""The privacy ledger: the study's privacy spend as data (one plain entry per DP training stage), its
+composed epsilon, the budget check made before a stage trains, and per-stage noise planning.
+Not here: the epsilon arithmetic itself (accounting.py) or the DP-SGD mechanism (engine.py).
+
+Assumptions, as in accounting.py: add-or-remove-one-training-example neighbours, Poisson sampling,
+Gaussian noise; every stage runs on the same private data set, so all stages compose. Entries hold
+hyperparameters and a data fingerprint only, never private data.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .accounting import ACCOUNTANTS, BudgetError, DPEvent, calibrate_noise, compose_epsilon
+
+FORMAT = "dpcompress.ledger/1"
+SAMPLINGS = ("poisson",)  # what the accountants assume
+UNITS = ("example",)      # unit of privacy the accountants assume
+
+
+class BudgetExceededError(BudgetError):
+    """A stage would bring the study's composed epsilon over its budget."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerEntry:
+    """One finished DP training stage.
+
+    noise_multiplier, sample_rate, num_steps: the stage's DP-SGD run (see `DPEvent`).
+    max_grad_norm: per-example clipping norm (L2), recorded for audit; it does not enter epsilon.
+    epsilon_after: epsilon of the whole ledger composed up to and including this entry, at `delta`
+        with `accountant`.
+    dataset_fingerprint: sha256 of the private data used ("" if unknown).
+    """
+
+    stage: str
+    noise_multiplier: float
+    sample_rate: float
+    num_steps: int
+    max_grad_norm: float
+    epsilon_after: float
+    delta: float
+    accountant: str
+    sampling: str = "poisson"
+    unit: str = "example"
+    dataset_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stage, str) or not self.stage:
+            raise ValueError(f"stage must be a non-empty string, got {self.stage!r}")
+        _ = self.event  # validates noise_multiplier, sample_rate, num_steps
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if not self.epsilon_after >= 0:
+            raise ValueError(f"epsilon_after must be >= 0, got {self.epsilon_after!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {self.accountant!r}; known: {sorted(ACCOUNTANTS)}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS} (what the accountants assume), "
+                             f"got {self.sampling!r}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+
+    @property
+    def event(self) -> DPEvent:
+        return DPEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                       num_steps=self.num_steps)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """An immutable, ordered record of the study's DP stages; `append` returns a new ledger."""
+
+    entries: tuple[LedgerEntry, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entries", tuple(self.entries))
+        for entry in self.entries:
+            if not isinstance(entry, LedgerEntry):
+                raise TypeError(f"ledger entries must be LedgerEntry, got {type(entry).__name__}")
+        names = self.stage_names()
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate stage names in ledger: {duplicates}")
+
+    def stage_names(self) -> list[str]:
+        return [entry.stage for entry in self.entries]
+
+    def events(self) -> list[DPEvent]:
+        return [entry.event for entry in self.entries]
+
+    def epsilon(self, *, delta: float, accountant: str = "prv") -> float:
+        """Epsilon of all entries composed, at `delta` (recomputed, not read from epsilon_after)."""
+        return compose_epsilon(self.events(), delta=delta, accountant=accountant)
+
+    def check_fits(self, *, stage: str, event: DPEvent, target_epsilon: float, delta: float,
+                   accountant: str = "prv") -> float:
+        """Composed epsilon after adding `event`; call BEFORE training the stage.
+
+        Raises BudgetExceededError if it exceeds `target_epsilon` (relative slack 1e-9 for rounding),
+        and ValueError if `stage` is already recorded (`append` would refuse it after training).
+        """
+        if stage in self.stage_names():
+            raise ValueError(f"stage '{stage}' is already in the ledger")
+        epsilon = compose_epsilon([*self.events(), event], delta=delta, accountant=accountant)
+        if epsilon > target_epsilon * (1 + 1e-9):
+            raise BudgetExceededError(
+                f"stage '{stage}' would bring epsilon to {epsilon:.3f} (delta={delta:g}, {accountant}), "
+                f"over the study budget {target_epsilon:.3f} by {epsilon - target_epsilon:.3f}"
+            )
+        return epsilon
+
+    def append(self, entry: LedgerEntry) -> Ledger:
+        """A new ledger with `entry` added; refuses a stage name already present."""
+        if entry.stage in self.stage_names():
+            raise ValueError(f"stage '{entry.stage}' is already in the ledger")
+        return Ledger((*self.entries, entry))
+
+    def record(self, *, stage: str, event: DPEvent, max_grad_norm: float, delta: float,
+               accountant: str = "prv", dataset_fingerprint: str = "") -> Ledger:
+        """`append` an entry for `event`, with epsilon_after computed from this ledger plus `event`."""
+        epsilon_after = compose_epsilon([*self.events(), event], delta=delta, accountant=accountant)
+        return self.append(LedgerEntry(
+            stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
+            num_steps=event.num_steps, max_grad_norm=max_grad_norm, epsilon_after=epsilon_after,
+            delta=delta, accountant=accountant, dataset_fingerprint=dataset_fingerprint,
+        ))
+
+    def to_json(self) -> str:
+        data = {"format": FORMAT, "entries": [asdict(entry) for entry in self.entries]}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Ledger:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a privacy ledger (expected format {FORMAT!r})")
+        known = {f.name for f in fields(LedgerEntry)}
+        entries = []
+        for item in data.get("entries", []):
+            unknown = sorted(set(item) - known)
+            if unknown:
+                raise ValueError(f"unknown ledger entry keys: {unknown}")
+            entries.append(LedgerEntry(**item))
+        return cls(tuple(entries))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the ledger as pretty JSON with sorted keys (atomically: temp file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Ledger:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """A DP stage still to run. budget_share: this stage's share of the total epsilon; the cumulative
+    spend after it may reach target * (shares so far) / (all shares)."""
+
+    stage: str
+    sample_rate: float
+    num_steps: int
+    budget_share: float
+
+    def __post_init__(self) -> None:
+        DPEvent(noise_multiplier=1.0, sample_rate=self.sample_rate, num_steps=self.num_steps)
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps!r}")
+        if not self.budget_share > 0:
+            raise ValueError(f"budget_share must be > 0, got {self.budget_share!r}")
+
+
+def plan_noise(stages: Sequence[StagePlan], *, target_epsilon: float, delta: float,
+               spent: Ledger | Sequence[DPEvent] = (), accountant: str = "prv") -> list[float]:
+    """Noise multipliers for `stages`, in order, calibrated sequentially.
+
+    Stage i gets the smallest sigma such that `spent` followed by stages 0..i composes to
+    target_epsilon * (budget_share of stages 0..i) / (sum of all budget_share); the last stage lands on
+    target_epsilon. Stage i's sigma depends on later stages only through the sum of all shares (not at
+    all if the shares sum to 1); their steps and sample rates never change it. Shares are fractions
+    of the whole target_epsilon, `spent` included: BudgetError if `spent` already reaches a stage's
+    cumulative budget. Stage names must be unique and not already in a `spent` Ledger.
+    """
+    names = [s.stage for s in stages]
+    taken = set(spent.stage_names()) if isinstance(spent, Ledger) else set()
+    clashes = sorted({n for n in names if names.count(n) > 1 or n in taken})
+    if clashes:
+        raise ValueError(f"stage names already used: {clashes}")
+    events = list(spent.events() if isinstance(spent, Ledger) else spent)
+    total_share = sum(s.budget_share for s in stages)
+    sigmas, share_so_far = [], 0.0
+    for i, plan in enumerate(stages):
+        share_so_far += plan.budget_share
+        target = target_epsilon if i == len(stages) - 1 else target_epsilon * share_so_far / total_share
+        try:
+            sigma = calibrate_noise(sample_rate=plan.sample_rate, num_steps=plan.num_steps,
+                                    target_epsilon=target, delta=delta, prior=events, accountant=accountant)
+        except BudgetError as err:
+            raise BudgetError(f"stage '{plan.stage}' (cumulative budget {target:.3f}): {err}") from err
+        sigmas.append(sigma)
+        events.append(DPEvent(noise_multiplier=sigma, sample_rate=plan.sample_rate, num_steps=plan.num_steps))
+    return sigmas

@@ -1,0 +1,166 @@
+"""End to end: a tiny study (tiny BERT from a config, a few dozen SST-2 rows) against a real `mlflow server`
+process and a temporary Prefect server; rerun trains nothing; a failed middle stage resumes from there."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect_backend():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT built from a config with the bundled MiniLM tokenizer (no download)."""
+    from transformers import AutoTokenizer
+
+    from compression.models import build_tiny, resolve_model_path, save_classifier
+
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    model = build_tiny(vocab_size=30522, hidden_size=32, num_layers=4, intermediate_size=64, seed=0)
+    save_classifier(model, AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), path)
+    return str(path)
+
+
+def _config(tmp_path: Path, model: str, uri: str, name: str) -> Path:
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/quickstart.yaml").read_text())
+    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
+    cfg.update(name=name, output_dir=str(tmp_path / "runs"), model={"name_or_path": model})
+    cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
+    cfg["teacher"] = small
+    cfg["prune"]["train"] = small
+    cfg["distill"]["train"] = small
+    cfg["tracking"] = {"uri": uri, "experiment": "e2e"}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Calls:
+    """Counts calls of a function the tasks use (tasks run in threads of this process)."""
+
+    def __init__(self, monkeypatch, name: str, fail_first: bool = False):
+        import tasks.training as module
+
+        self.count, self.fail_first, self.original = 0, fail_first, getattr(module, name)
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        if self.fail_first and self.count == 1:
+            raise RuntimeError("injected failure in a middle stage")
+        return self.original(*args, **kwargs)
+
+
+def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefect_backend, tiny_model, monkeypatch):
+    from flows.study import study
+
+    path = _config(tmp_path, tiny_model, mlflow_server, "tiny")
+    trained = Calls(monkeypatch, "dp_train")
+    rows = study(config_path=str(path))
+    assert [r["stage"] for r in rows] == ["teacher", "prune_1", "prune_2", "distill"]
+    assert trained.count == 4
+    assert rows[-2]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert all(0 < r["epsilon"] <= 8.0 * (1 + 1e-6) for r in rows)
+    assert rows[-1]["epsilon"] == pytest.approx(8.0, rel=0.02)  # the whole budget, no slack
+    assert [r["epsilon"] for r in rows] == sorted(r["epsilon"] for r in rows)
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("dpcompress.kind") == "study"]
+    assert len(parents) == 1
+    stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"prepare_data", "teacher", "prune_1", "prune_2", "distill"} <= stages
+    teacher = next(r for r in runs if r.info.run_name == "teacher")
+    assert "dev_accuracy" in teacher.data.metrics and teacher.data.tags["accountant"] == "prv"
+    assert "ledger.json" in {a.path for a in client.list_artifacts(teacher.info.run_id)}
+    assert not any("loss" in k for k in teacher.data.metrics)  # nothing computed on private data
+    version = client.search_model_versions("name='tiny-sst2'")[0]
+    assert float(version.tags["epsilon"]) == pytest.approx(rows[-1]["epsilon"], rel=1e-3)
+    assert version.tags["accountant"] == "prv" and "delta" in version.tags
+
+    began = time.monotonic()
+    again = study(config_path=str(path))
+    assert trained.count == 4, "a rerun of a finished study must train nothing"
+    assert again == rows
+    assert time.monotonic() - began < 60
+
+    changed = study(config_path=str(path), overrides=["prune.schedule.target_sparsity=0.6"])
+    assert trained.count == 4 + 3  # prune_1, prune_2 and distill retrain; the teacher does not
+    assert changed[0] == rows[0] and changed[2]["sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflow_server, prefect_backend,
+                                                                 tiny_model, monkeypatch):
+    from flows.study import study
+
+    path = _config(tmp_path, tiny_model, mlflow_server, "resume")
+    Calls(monkeypatch, "magnitude_masks", fail_first=True)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        study(config_path=str(path))
+    teachers = Calls(monkeypatch, "load_classifier")
+    trained = Calls(monkeypatch, "dp_train")
+    rows = study(config_path=str(path))
+    assert teachers.count == 0, "the finished teacher stage must come from the cache"
+    assert trained.count == 3  # prune_1, prune_2, distill
+    assert [r["stage"] for r in rows] == ["teacher", "prune_1", "prune_2", "distill"]
+
+
+def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {task: sst2}\nteacher: {epocs: 3}\n")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(bad)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2
+    assert "teacher.epocs" in out.stderr and "epochs" in out.stderr
+    assert not (tmp_path / "runs").exists()
