@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"local GLUE folder (SST-2/, CoLA/, ...) when data.dir is unset; or ${GLUE_DIR_ENV}")
     run.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
 
