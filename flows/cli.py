@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
 
+from flows.budget_cli import add_budget_parser
 from flows.config import GLUE_DIR_ENV, ConfigError, load_config
 
 
@@ -32,8 +34,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry writes race on sqlite
+    import opacus.utils.module_utils  # noqa: F401  (calls logging.basicConfig on import)
     import transformers
 
+    logging.getLogger().handlers.clear()  # let Prefect format the run's log lines
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -51,6 +56,9 @@ def cmd_run(args) -> int:
     rows = study(config_path=str(args.config), overrides=args.set, glue_dir=args.glue_dir)
     print()
     print(format_table(rows))
+    print(f"\nepsilon: cumulative over the study's private stages up to each model, at the delta shown; "
+          f"{cfg.privacy.accountant.upper()} accountant, Poisson sampling, unit of privacy: one training example "
+          f"(add/remove). Study budget: epsilon={cfg.privacy.epsilon:g}.")
     return 0
 
 
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--glue-dir", default=None,
                      help=f"local GLUE folder (SST-2/, CoLA/, ...) when data.dir is unset; or ${GLUE_DIR_ENV}")
     run.set_defaults(func=cmd_run)
+    add_budget_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,7 +1,7 @@
 """The study's privacy budget: one (epsilon, delta) for everything trained on the private data, and its split."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -11,7 +11,8 @@ class BudgetConfig:
 
     `delta=None` means 1/n for n private training examples. Shares are fractions of the budget given to
     the teacher, to all pruning rounds together, and to distillation; they are renormalised over the
-    stages that run.
+    stages that run. `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
+    multiplier it uses as given instead of a calibrated one; the other stages are calibrated around it.
     """
 
     epsilon: float = 8.0
@@ -21,6 +22,7 @@ class BudgetConfig:
     prune_share: float = 0.25
     distill_share: float = 0.25
     secure_mode: bool = False
+    fixed_noise: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.epsilon <= 0:
@@ -30,6 +32,9 @@ class BudgetConfig:
         for name in ("teacher_share", "prune_share", "distill_share"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for stage, sigma in self.fixed_noise.items():
+            if not sigma > 0:
+                raise ValueError(f"fixed_noise[{stage!r}] must be a noise multiplier > 0, got {sigma}")
 
     def resolve_delta(self, num_examples: int) -> float:
         return self.delta if self.delta is not None else 1.0 / num_examples

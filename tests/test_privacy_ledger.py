@@ -225,3 +225,51 @@ def test_plan_refuses_reused_stage_names(ledger):
 def test_stage_plan_validation(override, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(STAGES[0], **override)
+
+
+def fixed(plan: StagePlan, sigma: float) -> StagePlan:
+    return dataclasses.replace(plan, noise_multiplier=sigma)
+
+
+# calibrate_noise finds sigma within 0.5%, so the last calibrated stage lands within ~1-2% of its target
+
+
+def test_plan_fixed_stage_keeps_sigma_and_meets_target(planned):
+    stages = [STAGES[0], fixed(STAGES[1], 2.0), STAGES[2]]
+    sigmas = plan_noise(stages, target_epsilon=4.0, delta=DELTA)
+    assert sigmas[1] == 2.0
+    assert sigmas[0] == planned[0]  # an earlier calibrated stage is unaffected
+    eps = cumulative_epsilons(sigmas, stages)
+    assert 0.98 * 4.0 < eps[-1] <= 4.0
+
+
+def test_plan_fixed_last_stage_counts_in_last_calibrated_one():
+    stages = [STAGES[0], fixed(STAGES[2], 2.0)]
+    sigmas = plan_noise(stages, target_epsilon=4.0, delta=DELTA)
+    assert sigmas[1] == 2.0
+    assert 0.98 * 4.0 < cumulative_epsilons(sigmas, stages)[-1] <= 4.0
+
+
+def test_plan_fixed_stage_over_its_share_leaves_the_rest_to_later_stages():
+    # teacher alone spends ~2.2, over its cumulative share 1.0 and the next one's 2.0
+    stages = [fixed(STAGES[0], 1.0), *STAGES[1:]]
+    sigmas = plan_noise(stages, target_epsilon=4.0, delta=DELTA)
+    eps = cumulative_epsilons(sigmas, stages)
+    assert sigmas[0] == 1.0
+    assert eps[0] < eps[1] < eps[2] and 0.98 * 4.0 < eps[2] <= 4.0
+
+
+def test_plan_refuses_too_small_fixed_sigma():
+    stages = [STAGES[0], fixed(STAGES[1], 0.6), STAGES[2]]  # prune alone spends ~11.6
+    with pytest.raises(BudgetError, match="stage 'prune' with fixed noise multiplier 0.6"):
+        plan_noise(stages, target_epsilon=4.0, delta=DELTA)
+
+
+def test_plan_all_fixed_needs_no_calibration():
+    stages = [fixed(plan, 2.0) for plan in STAGES]
+    assert plan_noise(stages, target_epsilon=100.0, delta=DELTA) == [2.0, 2.0, 2.0]
+
+
+def test_stage_plan_refuses_bad_fixed_sigma():
+    with pytest.raises(ValueError, match="stage 'teacher': noise_multiplier"):
+        fixed(STAGES[0], 0.0)

@@ -1,0 +1,169 @@
+"""The `dpcompress budget` commands: epsilon of a DP-SGD run, the smallest sigma for a target epsilon, and a
+study's privacy plan (per-stage sigma and cumulative epsilon) computed before anything trains."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from privacy.accounting import DPEvent, calibrate_noise, compose_epsilon
+
+SAMPLING, UNIT = "poisson", "example"  # what the accountants assume (privacy/accounting.py)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr, exit code 2 (argparse's default prints the usage too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(text: str, kind=float) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def sample_rate(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def delta(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def steps(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _guarantee(values: dict, delta_note: str = "") -> str:
+    return (f"at delta = {values['delta']:g}{delta_note} ({values['accountant']} accountant, "
+            f"{values['sampling'].capitalize()} sampling, unit of privacy: one {values['unit']})")
+
+
+def _emit(args, values: dict, line: str) -> int:
+    print(json.dumps(values, sort_keys=True) if args.json else line)
+    return 0
+
+
+def cmd_epsilon(args) -> int:
+    event = DPEvent(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, num_steps=args.steps)
+    epsilon = compose_epsilon([event], delta=args.delta, accountant=args.accountant)
+    values = {"epsilon": epsilon, "sigma": args.noise_multiplier, "sample_rate": args.sample_rate,
+              "steps": args.steps, "delta": args.delta, "accountant": args.accountant,
+              "sampling": SAMPLING, "unit": UNIT}
+    return _emit(args, values, f"epsilon = {epsilon:.4f} {_guarantee(values)} for {args.steps} steps "
+                               f"at sample rate {args.sample_rate:g} with noise multiplier {args.noise_multiplier:g}")
+
+
+def cmd_sigma(args) -> int:
+    try:
+        sigma = calibrate_noise(sample_rate=args.sample_rate, num_steps=args.steps, target_epsilon=args.epsilon,
+                                delta=args.delta, accountant=args.accountant)
+    except ValueError as err:  # BudgetError: no sigma up to SIGMA_MAX fits
+        return _fail(err)
+    event = DPEvent(noise_multiplier=sigma, sample_rate=args.sample_rate, num_steps=args.steps)
+    epsilon = compose_epsilon([event], delta=args.delta, accountant=args.accountant)
+    values = {"sigma": sigma, "epsilon": epsilon, "target_epsilon": args.epsilon, "sample_rate": args.sample_rate,
+              "steps": args.steps, "delta": args.delta, "accountant": args.accountant,
+              "sampling": SAMPLING, "unit": UNIT}
+    return _emit(args, values, f"sigma = {sigma:.4f} for {args.steps} steps at sample rate {args.sample_rate:g} "
+                               f"gives epsilon = {epsilon:.4f} <= {args.epsilon:g} {_guarantee(values)}")
+
+
+def _fail(err: Exception) -> int:
+    print(f"dpcompress: {err}", file=sys.stderr)  # a ConfigError lists each bad key on its own line
+    return 2
+
+
+def plan_values(cfg, num_train: int) -> dict:
+    """The privacy plan of study `cfg` with `num_train` private examples, as plain values (no I/O)."""
+    from flows.plan import private_stages
+    from privacy.ledger import plan_noise
+
+    budget, stages = cfg.privacy, private_stages(cfg, num_train)
+    target_delta = budget.resolve_delta(num_train)
+    sigmas = plan_noise(stages, target_epsilon=budget.epsilon, delta=target_delta, accountant=budget.accountant)
+    events = [plan.event_at(sigma) for plan, sigma in zip(stages, sigmas)]
+    rows = [{"stage": plan.stage, "sample_rate": plan.sample_rate, "steps": plan.num_steps, "sigma": sigma,
+             "fixed": plan.noise_multiplier is not None,
+             "epsilon": compose_epsilon(events[:i + 1], delta=target_delta, accountant=budget.accountant)}
+            for i, (plan, sigma) in enumerate(zip(stages, sigmas))]
+    return {"study": cfg.name, "task": cfg.data.task, "num_train": num_train, "stages": rows,
+            "epsilon": rows[-1]["epsilon"], "target_epsilon": budget.epsilon, "delta": target_delta,
+            "delta_is_1_over_n": budget.delta is None, "accountant": budget.accountant,
+            "sampling": SAMPLING, "unit": UNIT}
+
+
+def format_plan(values: dict) -> str:
+    from flows.cli import format_table  # here: flows.cli imports this module
+
+    table = format_table([{k: ("yes" if v is True else "" if v is False else v) for k, v in row.items()}
+                          for row in values["stages"]])
+    note = " = 1/n" if values["delta_is_1_over_n"] else ""
+    return "\n".join([
+        f"privacy plan for study {values['study']!r}: {values['task']}, n = {values['num_train']:,} private "
+        f"training examples; epsilon is cumulative",
+        table,
+        f"total: epsilon = {values['epsilon']:.4f} (target {values['target_epsilon']:g}) "
+        f"{_guarantee(values, note)}",
+    ])
+
+
+def cmd_plan(args) -> int:
+    from compression.data import load_task
+    from flows.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.set, glue_dir=args.glue_dir)
+        _, train, _ = load_task(cfg.data)
+        values = plan_values(cfg, len(train))
+    except (ValueError, OSError) as err:  # ConfigError, BudgetError, unknown fixed_noise stage, missing data
+        return _fail(err)
+    print(json.dumps(values, sort_keys=True) if args.json else format_plan(values))
+    return 0
+
+
+def add_budget_parser(subparsers) -> None:
+    """Register `budget` and its subcommands `epsilon`, `sigma` and `plan` on the `dpcompress` parser."""
+    budget = subparsers.add_parser("budget", help="privacy budget: epsilon, sigma, a study's plan")
+    sub = budget.add_subparsers(dest="budget_command", required=True, parser_class=_OneLineParser)
+    eps = sub.add_parser("epsilon", help="epsilon of a Poisson-subsampled DP-SGD run")
+    eps.add_argument("--noise-multiplier", type=positive, required=True, help="sigma (> 0)")
+    sig = sub.add_parser("sigma", help="smallest sigma that meets a target epsilon")
+    sig.add_argument("--epsilon", type=positive, required=True, help="target epsilon (> 0)")
+    for parser, func in ((eps, cmd_epsilon), (sig, cmd_sigma)):
+        parser.add_argument("--sample-rate", type=sample_rate, required=True, help="q in (0, 1]")
+        parser.add_argument("--steps", type=steps, required=True, help="number of steps (>= 1)")
+        parser.add_argument("--delta", type=delta, required=True, help="delta in (0, 1)")
+        parser.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.set_defaults(func=func)
+    plan = sub.add_parser("plan", help="a study's per-stage sigma and cumulative epsilon, before it runs")
+    plan.add_argument("config", help="study YAML file")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.add_argument("--glue-dir", default=None, help="local GLUE folder when data.dir is unset")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)

@@ -1,0 +1,168 @@
+"""Tests for the `dpcompress budget` commands (epsilon, sigma, plan) and fixed-sigma planning in configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.config import load_config
+from flows.plan import private_stages
+from privacy.accounting import DPEvent, compose_epsilon
+from privacy.config import BudgetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = Path(__file__).resolve().parents[2] / "shared/data/glue"
+RUN = ["--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5"]
+needs_glue = pytest.mark.skipif(not (GLUE / "SST-2/train.tsv").is_file(), reason=f"no GLUE data at {GLUE}")
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(["budget", *argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one JSON object
+    return json.loads(out)
+
+
+def test_epsilon_text_states_the_guarantee(capsys):
+    assert main(["budget", "epsilon", "--noise-multiplier", "1.1", *RUN]) == 0
+    out = capsys.readouterr().out
+    expected = compose_epsilon([DPEvent(noise_multiplier=1.1, sample_rate=0.01, num_steps=1000)], delta=1e-5)
+    assert f"epsilon = {expected:.4f} at delta = 1e-05" in out
+    assert "prv accountant" in out and "Poisson sampling" in out and "unit of privacy: one example" in out
+
+
+def test_epsilon_json_from_a_subprocess():
+    argv = [sys.executable, "-m", "flows.cli", "budget", "epsilon", "--noise-multiplier", "1.1", *RUN,
+            "--accountant", "rdp", "--json"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    event = DPEvent(noise_multiplier=1.1, sample_rate=0.01, num_steps=1000)
+    assert values["epsilon"] == pytest.approx(compose_epsilon([event], delta=1e-5, accountant="rdp"))
+    assert values | {"epsilon": None} == {"epsilon": None, "sigma": 1.1, "sample_rate": 0.01, "steps": 1000,
+                                          "delta": 1e-5, "accountant": "rdp", "sampling": "poisson",
+                                          "unit": "example"}
+
+
+def test_sigma_then_epsilon_gives_back_the_target(capsys):
+    found = run_json(capsys, "sigma", "--epsilon", "3", *RUN)
+    assert found["target_epsilon"] == 3.0 and found["accountant"] == "prv"
+    back = run_json(capsys, "epsilon", "--noise-multiplier", repr(found["sigma"]), *RUN)
+    assert 0.97 * 3.0 < back["epsilon"] <= 3.0
+    assert back["epsilon"] == pytest.approx(found["epsilon"])
+
+
+@pytest.mark.parametrize(("command", "bad"), [
+    ("epsilon", ["--sample-rate", "0"]),
+    ("epsilon", ["--sample-rate", "1.5"]),
+    ("epsilon", ["--sample-rate", "often"]),
+    ("epsilon", ["--noise-multiplier", "0"]),
+    ("epsilon", ["--noise-multiplier", "-1"]),
+    ("epsilon", ["--delta", "1"]),
+    ("epsilon", ["--delta", "0"]),
+    ("epsilon", ["--steps", "0"]),
+    ("epsilon", ["--steps", "ten"]),
+    ("epsilon", ["--accountant", "moments"]),
+    ("sigma", ["--epsilon", "0"]),
+    ("sigma", ["--epsilon", "nan"]),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, command, bad):
+    good = {"epsilon": ["--noise-multiplier", "1.1"], "sigma": ["--epsilon", "3"]}[command]
+    with pytest.raises(SystemExit) as info:
+        main(["budget", command, *good, *RUN, *bad])  # the last value of an option wins
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.endswith("\n") and err.count("\n") == 1 and bad[0] in err
+
+
+def test_missing_argument_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["budget", "sigma", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--epsilon" in err
+
+
+TINY = """
+name: tiny
+data: {{task: sst2, dir: {glue}, max_train_examples: 2000}}
+privacy: {{epsilon: 4.0, accountant: rdp}}
+teacher: {{epochs: 1, batch_size: 256}}
+prune: {{schedule: {{rounds: 1}}, train: {{epochs: 1, batch_size: 256}}}}
+distill: {{train: {{epochs: 1, batch_size: 256}}}}
+"""
+
+
+@pytest.fixture()
+def tiny(tmp_path) -> Path:
+    """A small study config; RDP because PRV takes ~10 s per calibration here (the ledger tests use PRV)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(glue=GLUE))
+    return path
+
+
+@needs_glue
+def test_plan_prints_every_stage_and_the_total(capsys, tiny):
+    assert main(["budget", "plan", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "n = 2,000" in lines[0]
+    for stage in ("teacher", "prune_1", "distill"):
+        assert any(line.startswith(stage) for line in lines), out
+    total = lines[-1]
+    assert total.startswith("total: epsilon = ") and "delta = 0.0005 = 1/n" in total and "rdp accountant" in total
+    epsilon = float(total.split()[3])
+    assert 0.99 * 4.0 < epsilon <= 4.0
+
+
+@needs_glue
+def test_plan_json_with_fixed_sigma(capsys, tiny):
+    values = run_json(capsys, "plan", str(tiny), "--set", "prune.enabled=false",
+                      "--set", "privacy.fixed_noise.teacher=3.0")
+    teacher, distill = values["stages"]
+    assert (teacher["stage"], teacher["sigma"], teacher["fixed"]) == ("teacher", 3.0, True)
+    assert (distill["stage"], distill["fixed"]) == ("distill", False)
+    assert teacher["epsilon"] < distill["epsilon"] == values["epsilon"]
+    assert 0.98 * 4.0 < values["epsilon"] <= 4.0
+    assert (values["delta"], values["accountant"], values["num_train"]) == (1 / 2000, "rdp", 2000)
+
+
+@needs_glue
+def test_plan_refuses_too_small_fixed_sigma(capsys, tiny):
+    assert main(["budget", "plan", str(tiny), "--set", "privacy.fixed_noise.prune_1=0.3"]) == 2
+    assert "stage 'prune_1' with fixed noise multiplier 0.3" in capsys.readouterr().err
+
+
+@needs_glue
+def test_plan_refuses_unknown_fixed_stage(capsys, tiny):
+    assert main(["budget", "plan", str(tiny), "--set", "privacy.fixed_noise.prune_2=1.0"]) == 2
+    assert "prune_2" in capsys.readouterr().err
+
+
+def test_plan_config_error_exits_2(capsys, tmp_path):
+    assert main(["budget", "plan", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {task: sst2}\nprivacy: {epsilonn: 1}\n")
+    assert main(["budget", "plan", str(path)]) == 2
+    assert "privacy.epsilonn" in capsys.readouterr().err
+
+
+def test_private_stages_pass_fixed_noise(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: {task: sst2}\nprivacy: {fixed_noise: {distill: 1.5}}\n")
+    stages = private_stages(load_config(path), 1000)
+    assert [(s.stage, s.noise_multiplier) for s in stages] == [
+        ("teacher", None), ("prune_1", None), ("prune_2", None), ("distill", 1.5)]
+    with pytest.raises(ValueError, match=r"do not run: \['distill'\]"):
+        private_stages(load_config(path, ["distill.enabled=false"]), 1000)
+
+
+def test_budget_config_validates_fixed_noise():
+    assert BudgetConfig().fixed_noise == {}
+    with pytest.raises(ValueError, match="fixed_noise\\['teacher'\\]"):
+        BudgetConfig(fixed_noise={"teacher": 0.0})
