@@ -11,12 +11,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from compression.models import TextClassifier
+from privacy.checkpoint import TrainingCheckpoint, data_digest, load_checkpoint, save_checkpoint, tensors_digest
 from privacy.engine import PoissonSampler, PrivateModel
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0       # per-example clipping bound C
     trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
     seed: int = 0
+    checkpoint_every: int = 50       # steps between crash-safe checkpoints (0: never); needs a checkpoint_dir
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "physical_batch_size", "learning_rate", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
     def sample_rate(self, num_examples: int) -> float:
         return min(1.0, self.batch_size / num_examples)
@@ -57,6 +62,7 @@ class TrainResult:
     sample_rate: float
     noise_multiplier: float
     seconds: float
+    resumed_from: int = 0  # steps restored from a checkpoint (0: trained from the start)
 
 
 def task_loss(num_labels: int) -> LossFn:
@@ -137,9 +143,71 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -
             params[name].mul_(mask)
 
 
+def _run_settings(model: TextClassifier, data: dict, masks: dict[str, torch.Tensor] | None, *,
+                  config: TrainConfig, noise_multiplier: float, secure_mode: bool) -> dict:
+    """What a checkpoint must match to be resumed: sigma, q, total steps, n, every hyperparameter but
+    `checkpoint_every`, and digests of the data, the starting model (masks applied) and the masks."""
+    n = len(data["labels"])
+    hyperparameters = {k: v for k, v in vars(config).items() if k != "checkpoint_every"}
+    return {"noise_multiplier": float(noise_multiplier), "sample_rate": config.sample_rate(n),
+            "num_steps": config.num_steps(n), "num_examples": n, "secure_mode": secure_mode, **hyperparameters,
+            "data": data_digest(data), "model": tensors_digest(model.state_dict()),
+            "masks": tensors_digest(masks or {})}
+
+
+class _Checkpoints:
+    """Restores and saves one `dp_train` call's state in a folder (privacy.checkpoint); inert without one.
+
+    Outside secure mode a resumed run is bitwise the uninterrupted one: same batches, noise and dropout
+    (CPU RNG). In secure mode no RNG state is stored and the global RNG, which then makes the noise, is
+    reseeded from the OS on resume, so no noise draw is ever replayed; epsilon is the same either way.
+    """
+
+    def __init__(self, directory: str | Path | None, *, every: int, settings: dict | None, secure_mode: bool):
+        self.directory = Path(directory) if directory is not None else None
+        self.every, self.settings, self.secure_mode = every, settings, secure_mode
+
+    def restore(self, model: TextClassifier, private: PrivateModel, sampler: PoissonSampler) -> int:
+        """Load a matching checkpoint into model, optimizer, sampler and RNGs; return its step (0: none)."""
+        if self.directory is None:
+            return 0
+        checkpoint = load_checkpoint(self.directory, settings=self.settings)
+        if checkpoint is None:
+            return 0
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if set(params) != set(checkpoint.parameters):
+            raise ValueError(f"checkpoint in {self.directory} holds other parameters than the model trains")
+        with torch.no_grad():
+            for name, value in checkpoint.parameters.items():
+                params[name].copy_(value)
+        private.optimizer.load_state_dict(checkpoint.optimizer)
+        sampler.load_state_dict(checkpoint.sampler)
+        if self.secure_mode:
+            torch.seed()
+        else:
+            private.noise_generator.set_state(checkpoint.noise_generator)
+            torch.set_rng_state(checkpoint.torch_rng)
+        log.info("resuming DP training at step %d/%d from %s", checkpoint.step, sampler.num_steps, self.directory)
+        return checkpoint.step
+
+    def save(self, step: int, model: TextClassifier, private: PrivateModel, sampler: PoissonSampler) -> None:
+        """Checkpoint after `step` if it is a multiple of `checkpoint_every` or the last step."""
+        if self.directory is None or (step % self.every and step != sampler.num_steps):
+            return
+        secret = self.secure_mode  # secure mode: store no RNG state from which noise could be recomputed
+        save_checkpoint(self.directory, TrainingCheckpoint(
+            step=step, settings=self.settings, sampler=sampler.state_dict(),
+            parameters={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            optimizer=private.optimizer.state_dict(),
+            noise_generator=None if secret else private.noise_generator.get_state(),
+            torch_rng=None if secret else torch.get_rng_state(),
+            history=[(self.settings["noise_multiplier"], self.settings["sample_rate"], step)]))
+
+
 def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_multiplier: float,
              loss_fn: LossFn | None = None, masks: dict[str, torch.Tensor] | None = None,
-             on_step: Callable[[int, dict], None] | None = None, secure_mode: bool = False) -> TrainResult:
+             on_step: Callable[[int, dict], None] | None = None, secure_mode: bool = False,
+             checkpoint_dir: str | Path | None = None) -> TrainResult:
     """Train `model` in place with DP-SGD/DP-AdamW for `config.num_steps(n)` Poisson-sampled steps.
 
     Args:
@@ -148,7 +216,12 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
         loss_fn: per-example loss `(logits, labels, example_index) -> [B]`; default: the task loss.
         masks: parameter name -> {0,1} mask; masked weights are zero before and after every step.
         on_step: called as `on_step(step, {"loss": ..., "batch_size": ...})` after each step (loss is local
-            progress information computed on private data: never send it to a tracking server).
+            progress information computed on private data: never send it to a tracking server). It must not
+            draw from torch's global RNG. After a resume, steps continue from the checkpoint's step.
+        checkpoint_dir: folder for crash-safe checkpoints, saved every `config.checkpoint_every` steps and
+            after the last, before `on_step`. A checkpoint there with the same settings (`_run_settings`) is
+            resumed; the run ends as an uninterrupted one would, with the same steps and sigma. The caller
+            must pass the same starting model and `loss_fn`, and delete the folder once outputs are saved.
     """
     labels = torch.as_tensor(data["labels"])
     n = len(labels)
@@ -156,29 +229,36 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
     loss_fn = loss_fn or task_loss(model.num_labels)
     apply_masks(model, masks)
     start = configure_trainable(model, config.trainable_layers)
+    directory = checkpoint_dir if config.checkpoint_every else None
+    settings = None if directory is None else _run_settings(
+        model, data, masks, config=config, noise_multiplier=noise_multiplier, secure_mode=secure_mode)
+    checkpoints = _Checkpoints(directory, every=config.checkpoint_every, settings=settings, secure_mode=secure_mode)
     hidden = cache_prefix(model, data, num_layers=start)
     lengths = torch.tensor([len(h) for h in hidden])
     private = PrivateModel(model, make_optimizer(model, config), noise_multiplier=noise_multiplier,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                            secure_mode=secure_mode, seed=config.seed + 1)
     sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps, seed=config.seed)
+    resumed_from = checkpoints.restore(model, private, sampler)
     model.train()
     began = time.monotonic()
     log.info("DP training: n=%d q=%.4g steps=%d sigma=%.4g C=%g", n, q, steps, noise_multiplier,
              config.max_grad_norm)
-    for step, index in enumerate(sampler, start=1):
-        total = 0.0
-        for chunk in length_chunks(index, lengths, config.physical_batch_size):
-            states, mask = pad([hidden[i] for i in chunk])
-            logits = model.classify(states, mask, start_layer=start)  # hooks live on the submodules
-            losses = loss_fn(logits, labels[chunk], chunk)
-            total += float(losses.detach().sum())
-            private.backward(losses)
-        private.step()
-        apply_masks(model, masks)
-        if on_step:
-            on_step(step, {"loss": total / max(1, len(index)), "batch_size": len(index), "num_steps": steps})
-    private.close()
+    try:
+        for step, index in enumerate(sampler, start=resumed_from + 1):
+            total = 0.0
+            for chunk in length_chunks(index, lengths, config.physical_batch_size):
+                states, mask = pad([hidden[i] for i in chunk])
+                logits = model.classify(states, mask, start_layer=start)  # hooks live on the submodules
+                losses = loss_fn(logits, labels[chunk], chunk)
+                total += float(losses.detach().sum())
+                private.backward(losses)
+            private.step()
+            apply_masks(model, masks)
+            checkpoints.save(step, model, private, sampler)
+            if on_step:
+                on_step(step, {"loss": total / max(1, len(index)), "batch_size": len(index), "num_steps": steps})
+    finally:
+        private.close()
     return TrainResult(num_steps=steps, sample_rate=q, noise_multiplier=noise_multiplier,
-                       seconds=time.monotonic() - began)
-
+                       seconds=time.monotonic() - began, resumed_from=resumed_from)

@@ -1,4 +1,4 @@
-"""DP-SGD engine: Poisson sampling, per-example clipping (Opacus ghost clipping), Gaussian noise.
+"""DP-SGD engine: Poisson sampling, per-example clipping (Opacus ghost clipping or hooks, or book-keeping), noise.
 
 Assumptions: add-or-remove-one-example neighbouring relation; every step samples each example
 independently with probability `sample_rate` (Poisson), which is what the accountant assumes. A logical
@@ -8,13 +8,18 @@ does not depend on the split. Not here: accounting (accounting.py) and budgets (
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
+from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
+
+from privacy.bk import BookKeeping
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +28,39 @@ class PoissonSampler:
     """Yields, for each of `num_steps` steps, the indices of the examples sampled with probability `sample_rate`.
 
     Its state (the generator and the step reached) can be saved and restored, so a resumed run draws
-    exactly the batches an uninterrupted one would.
+    exactly the batches an uninterrupted one would. One pass: iteration continues from `step` to `num_steps`.
     """
 
-    def __init__(self, *, num_examples: int, sample_rate: float, num_steps: int, seed: int):
+    def __init__(self, *, num_examples: int, sample_rate: float, num_steps: int, seed: int, start_step: int = 0):
+        """`start_step` > 0 replays (and discards) the first `start_step` draws from `seed`."""
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not 0 <= start_step <= num_steps:
+            raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
         self.num_examples, self.sample_rate, self.num_steps = num_examples, sample_rate, num_steps
         self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0  # steps drawn so far
+        while self.step < start_step:
+            self._draw()
+
+    def _draw(self) -> torch.Tensor:
+        draws = torch.rand(self.num_examples, generator=self.generator)
+        self.step += 1
+        return (draws < self.sample_rate).nonzero().flatten()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for _ in range(self.num_steps):
-            draws = torch.rand(self.num_examples, generator=self.generator)
-            yield (draws < self.sample_rate).nonzero().flatten()
+        while self.step < self.num_steps:
+            yield self._draw()
+
+    def state_dict(self) -> dict:
+        """The step reached and the generator state after its draw: restoring it continues the same stream."""
+        return {"step": self.step, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not 0 <= int(state["step"]) <= self.num_steps:
+            raise ValueError(f"sampler step must be in [0, {self.num_steps}], got {state['step']}")
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
 
 
 class PrivateModel:
@@ -43,54 +68,157 @@ class PrivateModel:
 
     `step()` adds N(0, (noise_multiplier * max_grad_norm)^2) to every coordinate of the clipped sum and
     divides by `expected_batch_size` (the Poisson mean), then applies the wrapped optimizer's update.
+
+    Args:
+        mode: how per-example gradients are clipped; all give the same clipped sum. "ghost": Opacus ghost
+            clipping (norms from activations and output gradients, then a second backward); "hooks": Opacus
+            per-example gradients instantiated for every parameter (memory ~ batch x parameters); "bk":
+            book-keeping (privacy.bk), one backward, Linear/Embedding/LayerNorm parameters only.
+        clipping: "flat" bounds each example's whole gradient by `max_grad_norm` (C); "per_layer" bounds each of
+            the L trainable parameter tensors by C / sqrt(L) (total still <= C). Not with mode="ghost".
+        secure_mode: noise robust to floating-point attacks (Opacus); `seed` is then ignored.
+        seed: seed of the noise generator (reproducible runs); None draws from torch's default generator.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, secure_mode: bool = False, seed: int | None = None):
+                 max_grad_norm: float, expected_batch_size: int, mode: Literal["ghost", "hooks", "bk"] = "ghost",
+                 clipping: Literal["flat", "per_layer"] = "flat", secure_mode: bool = False, seed: int | None = None):
         if noise_multiplier < 0 or max_grad_norm <= 0:
             raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
-        self.module = GradSampleModuleFastGradientClipping(
-            module, batch_first=True, loss_reduction="sum", max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        if mode not in _BACKENDS:
+            raise ValueError(f"mode must be one of {sorted(_BACKENDS)}, got {mode!r}")
+        if clipping not in ("flat", "per_layer"):
+            raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+        if mode == "ghost" and clipping != "flat":
+            raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bk' for per_layer")
         generator = None if secure_mode or seed is None else torch.Generator().manual_seed(seed)
-        self.optimizer = DPOptimizerFastGradientClipping(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
-            secure_mode=secure_mode)
+        self.mode, self.clipping = mode, clipping
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
-        self._pending = False
+        self._backend = _BACKENDS[mode](module, optimizer, noise_multiplier=noise_multiplier,
+                                        max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                        clipping=clipping, secure_mode=secure_mode, generator=generator)
+        self.module, self.optimizer = self._backend.module, self._backend.optimizer
 
     @property
     def noise_generator(self) -> torch.Generator | None:
-        return self.optimizer.generator
+        return self._backend.generator
 
     def backward(self, loss_per_example: torch.Tensor) -> None:
-        """Clip each example's gradient to `max_grad_norm` and add the chunk's clipped sum to the logical batch."""
+        """Clip each example's gradient and add the chunk's clipped sum to the logical batch."""
         if loss_per_example.dim() != 1:
             raise ValueError(f"need one loss per example (shape [B]), got {tuple(loss_per_example.shape)}")
+        self._backend.backward(loss_per_example)
+
+    def step(self) -> None:
+        """Noise the clipped sum of the logical batch and update. An empty batch still makes a noise-only step."""
+        self._backend.step()
+
+    def close(self) -> None:
+        """Remove hooks and per-example state: the module is a plain module again."""
+        self._backend.close()
+
+    def per_example_norms(self) -> torch.Tensor:
+        """Unclipped gradient norms of the last chunk (tests and diagnostics only; never log them)."""
+        return self._backend.per_example_norms()
+
+
+class _OpacusBackend:
+    """ghost and hooks: chunks accumulate through Opacus's skip-step mechanism (clipped sums kept, no noise)."""
+
+    def __init__(self, module, optimizer, *, ghost: bool, noise_multiplier, max_grad_norm, expected_batch_size,
+                 clipping, secure_mode, generator):
+        self.ghost = ghost
+        kwargs = dict(noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                      loss_reduction="mean", generator=generator, secure_mode=secure_mode)
+        if ghost:
+            self.module = GradSampleModuleFastGradientClipping(
+                module, batch_first=True, loss_reduction="sum", max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+            self.optimizer = DPOptimizerFastGradientClipping(optimizer, max_grad_norm=max_grad_norm, **kwargs)
+        else:
+            self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
+            if clipping == "per_layer":
+                count = sum(p.requires_grad for g in optimizer.param_groups for p in g["params"])
+                bounds = [max_grad_norm / math.sqrt(count)] * count
+                self.optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=bounds, **kwargs)
+            else:
+                self.optimizer = DPOptimizer(optimizer, max_grad_norm=max_grad_norm, **kwargs)
+        self.generator = self.optimizer.generator
+        self._pending = False
+
+    def backward(self, loss_per_example: torch.Tensor) -> None:
         if self._pending:  # keep earlier chunks' clipped sums (Opacus accumulates on a skipped step)
             self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad()
-        DPTensorFastGradientClipping(self.module, self.optimizer, loss_per_example, "sum").backward()
+        if self.ghost:
+            DPTensorFastGradientClipping(self.module, self.optimizer, loss_per_example, "sum").backward()
+        else:
+            loss_per_example.sum().backward()
         self._pending = True
 
     def step(self) -> None:
-        """Noise the clipped sum of the logical batch and update. An empty batch still makes a noise-only step."""
         if not self._pending:
             for p in self.optimizer.params:
-                p.grad = torch.zeros_like(p)
+                if self.ghost:
+                    p.grad = torch.zeros_like(p)
+                else:  # an empty per-example batch: Opacus clips nothing and the sum is zero
+                    p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
         self.optimizer.zero_grad()
         self._pending = False
 
+    def per_example_norms(self) -> torch.Tensor:
+        if self.ghost:
+            return self.module.per_sample_gradient_norms
+        norms = [g.reshape(len(g), -1).norm(2, dim=1) for g in self.optimizer.grad_samples]
+        return torch.stack(norms, dim=1).norm(2, dim=1)
+
     def close(self) -> None:
-        """Remove the Opacus hooks and per-example state: the module is a plain module again."""
         self.module._close()
         for p in self.module._module.parameters():
             p.grad = None
-            if hasattr(p, "summed_grad"):
-                del p.summed_grad
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+class _BookKeepingBackend:
+    """bk: clipped sums from privacy.bk, then Opacus's Gaussian noise (same secure-mode sampler) and scaling."""
+
+    def __init__(self, module, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size, clipping,
+                 secure_mode, generator):
+        self.module, self.optimizer, self.generator = module, optimizer, generator
+        self.clipper = BookKeeping(module, max_grad_norm=max_grad_norm, clipping=clipping)
+        trainable = {id(p) for p in self.clipper.params}
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if missing := [i for i, p in enumerate(self.params) if id(p) not in trainable]:
+            raise ValueError(f"optimizer parameters {missing} are not trainable parameters of the module")
+        self.noise_std, self.expected_batch_size, self.secure_mode = (
+            noise_multiplier * max_grad_norm, expected_batch_size, secure_mode)
+
+    def backward(self, loss_per_example: torch.Tensor) -> None:
+        self.clipper.backward(loss_per_example)
+
+    def step(self) -> None:
+        summed = self.clipper.pop_clipped_sum()
+        for p in self.params:
+            noise = _generate_noise(std=self.noise_std, reference=summed[p], generator=self.generator,
+                                    secure_mode=self.secure_mode)
+            p.grad = (summed[p] + noise) / self.expected_batch_size
+        self.optimizer.step()
+        self.optimizer.zero_grad()
 
     def per_example_norms(self) -> torch.Tensor:
-        """Unclipped gradient norms of the last chunk (tests and diagnostics only; never log them)."""
-        return self.module.per_sample_gradient_norms
+        return self.clipper.per_example_norms()
+
+    def close(self) -> None:
+        self.clipper.close()
+        for p in self.params:
+            p.grad = None
+
+
+_BACKENDS = {
+    "ghost": lambda *a, **kw: _OpacusBackend(*a, ghost=True, **kw),
+    "hooks": lambda *a, **kw: _OpacusBackend(*a, ghost=False, **kw),
+    "bk": _BookKeepingBackend,
+}

@@ -5,6 +5,7 @@ logs to its MLflow stage run, and returns a `ModelRef`.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -28,16 +29,17 @@ from tasks.refs import DataRef, ModelRef, sha256_of
 def _progress(stage: str, run: tracking.StageRun, ledger: Ledger, event: DPEvent, budget: StageBudget):
     """An on_step callback: console progress (steps, loss, epsilon so far, ETA); epsilon alone goes to MLflow."""
     logger = get_run_logger()
-    began, last = time.monotonic(), [0.0]
+    began, last, first = time.monotonic(), [0.0], []
 
     def on_step(step: int, metrics: dict) -> None:
         now = time.monotonic()
+        first or first.append(step - 1)  # a resumed stage starts past step 1
         if step != metrics["num_steps"] and now - last[0] < 15:
             return
         last[0] = now
         partial = DPEvent(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, num_steps=step)
         eps = compose_epsilon([*ledger.events(), partial], delta=budget.delta, accountant=budget.accountant)
-        eta = (now - began) / step * (metrics["num_steps"] - step)
+        eta = (now - began) / max(1, step - first[0]) * (metrics["num_steps"] - step)
         logger.info("%s: step %d/%d  loss %.4f  eps %.3f/%.3f  ETA %ds", stage, step, metrics["num_steps"],
                     metrics["loss"], eps, budget.target_epsilon, eta)
         run.metrics({"epsilon_spent": eps}, step=step)
@@ -58,7 +60,7 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
         encoded = load_encoded(Path(data.path) / "train.pt")
         dp_train(model, encoded, config=train, noise_multiplier=event.noise_multiplier, masks=masks,
                  loss_fn=loss_fn, on_step=_progress(stage, run, ledger, event, budget),
-                 secure_mode=budget.secure_mode)
+                 secure_mode=budget.secure_mode, checkpoint_dir=out / "checkpoint")
         ledger = ledger.append(LedgerEntry(
             stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
             num_steps=event.num_steps, max_grad_norm=train.max_grad_norm, epsilon_after=epsilon,
@@ -69,6 +71,7 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
         if masks:
             save_masks(masks, out / "masks.pt")
             masks_path = str(out / "masks.pt")
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds noise RNG state: never outlives the stage
         run.metrics({"epsilon": epsilon, "delta": budget.delta})
         run.tags({"epsilon": f"{epsilon:.4f}", "delta": f"{budget.delta:.3g}", "accountant": budget.accountant,
                   "sampling": "poisson", "unit_of_privacy": "example"})
