@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0       # per-example clipping bound C
     trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
     seed: int = 0
+    engine: Literal["ghost", "hooks", "bk"] = "ghost"   # per-example clipping: privacy.engine
+    clipping: Literal["flat", "per_layer"] = "flat"
     checkpoint_every: int = 50       # steps between crash-safe checkpoints (0: never); needs a checkpoint_dir
 
     def __post_init__(self):
@@ -237,8 +240,11 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
     lengths = torch.tensor([len(h) for h in hidden])
     private = PrivateModel(model, make_optimizer(model, config), noise_multiplier=noise_multiplier,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
-                           secure_mode=secure_mode, seed=config.seed + 1)
-    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps, seed=config.seed)
+                           mode=config.engine, clipping=config.clipping, secure_mode=secure_mode,
+                           seed=config.seed + 1)
+    # Sampling must be secret for the accountant's guarantee: in secure mode it is seeded by the OS.
+    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps,
+                             seed=secrets.randbits(63) if secure_mode else config.seed)
     resumed_from = checkpoints.restore(model, private, sampler)
     model.train()
     began = time.monotonic()

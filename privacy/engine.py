@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Iterator
 from typing import Literal
 
@@ -76,7 +77,8 @@ class PrivateModel:
             book-keeping (privacy.bk), one backward, Linear/Embedding/LayerNorm parameters only.
         clipping: "flat" bounds each example's whole gradient by `max_grad_norm` (C); "per_layer" bounds each of
             the L trainable parameter tensors by C / sqrt(L) (total still <= C). Not with mode="ghost".
-        secure_mode: noise robust to floating-point attacks (Opacus); `seed` is then ignored.
+        secure_mode: noise robust to floating-point attacks (Opacus), from a generator seeded by the OS;
+            `seed` is then ignored.
         seed: seed of the noise generator (reproducible runs); None draws from torch's default generator.
     """
 
@@ -91,7 +93,11 @@ class PrivateModel:
             raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
         if mode == "ghost" and clipping != "flat":
             raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bk' for per_layer")
-        generator = None if secure_mode or seed is None else torch.Generator().manual_seed(seed)
+        # secure_mode: seeded from the OS, never from the (public) config; torchcsprng has no build for this torch.
+        if secure_mode:
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        else:
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.mode, self.clipping = mode, clipping
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self._backend = _BACKENDS[mode](module, optimizer, noise_multiplier=noise_multiplier,
