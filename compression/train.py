@@ -41,7 +41,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0       # per-example clipping bound C
     trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
     seed: int = 0
-    engine: Literal["ghost", "hooks", "bk"] = "ghost"   # per-example clipping: privacy.engine
+    engine: Literal["ghost", "hooks", "bk"] = "bk"   # per-example clipping: privacy.engine (bk fastest, bench/)
     clipping: Literal["flat", "per_layer"] = "flat"
     checkpoint_every: int = 50       # steps between crash-safe checkpoints (0: never); needs a checkpoint_dir
 
