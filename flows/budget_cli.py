@@ -158,7 +158,8 @@ def add_budget_parser(subparsers) -> None:
         parser.add_argument("--sample-rate", type=sample_rate, required=True, help="q in (0, 1]")
         parser.add_argument("--steps", type=steps, required=True, help="number of steps (>= 1)")
         parser.add_argument("--delta", type=delta, required=True, help="delta in (0, 1)")
-        parser.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
+        parser.add_argument("--accountant", choices=("prv", "rdp", "pld"), default="prv",
+                            help="prv (Opacus PRV, PLD-refined; default), rdp (Opacus RDP), pld (Google dp_accounting)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.set_defaults(func=func)
     plan = sub.add_parser("plan", help="a study's per-stage sigma and cumulative epsilon, before it runs")

@@ -17,7 +17,7 @@ class BudgetConfig:
 
     epsilon: float = 8.0
     delta: float | None = None
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["prv", "rdp", "pld"] = "prv"
     teacher_share: float = 0.5
     prune_share: float = 0.25
     distill_share: float = 0.25

@@ -9,6 +9,7 @@ import math
 import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
+from opacus.accountants import PRVAccountant
 
 from privacy.accounting import (
     ACCOUNTANTS,
@@ -38,6 +39,54 @@ GRID = [
     (0.6, 0.1, 10, 1e-4),         # eps ~6.7
     (0.8, 0.1, 100, 1e-6),        # eps ~12.5
 ]
+
+
+# The 16 corners of that box: epsilon from 0 (delta reached at eps = 0) through 2e-4 (T = 10, sigma 5,
+# q 1e-4) to ~6e3 (T = 1e5, sigma 0.5, q 0.1). Opacus PRV alone is 8-13% high at the tiny-eps corners
+# (its grid floor) and falls back to RDP (+11%) at the huge one; the PLD refinement must close both gaps.
+CORNERS = [(s, q, t, d) for s in (0.5, 5.0) for q in (1e-4, 0.1) for t in (10, 100_000) for d in (1e-7, 1e-4)]
+
+
+def corner_reference(sigma: float, q: float, steps: int, delta: float) -> float:
+    """PLD at interval 1e-4, except 1e-6 where epsilon is tiny (sigma 5, q 1e-4: RDP < 0.2, PLD < 0.03; 1e-4
+    over-reports 2x there, and below 1e-7 PLD's FFT loses precision at T = 1e5: 0.032 at 1e-8 against 0.0116
+    at 1e-7 and 0.0113 at 1e-6) and 1e-3 where it is large (RDP > 40: 1e-4 takes 17 s and agrees to 0.02%)."""
+    rdp = compose_epsilon([event(sigma, q, steps)], delta=delta, accountant="rdp")
+    interval = 1e-6 if rdp < 0.2 else 1e-3 if rdp > 40 else 1e-4
+    accountant = PLDAccountant(value_discretization_interval=interval)
+    sampled = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(sampled, steps))
+    return accountant.get_epsilon(delta)
+
+
+def prv_interval(sigma: float, q: float, steps: int, delta: float, eps_error: float) -> tuple[float, float]:
+    """Opacus PRV's certified (lower, upper) bounds on epsilon at this eps_error: an independent sandwich."""
+    accountant = PRVAccountant()
+    accountant.history = [(sigma, q, steps)]
+    delta_error = delta / 1000
+    lower, _, upper = accountant._get_dprv(eps_error=eps_error, delta_error=delta_error).compute_epsilon(
+        delta, delta_error, eps_error)
+    return lower, upper
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps", "delta"), CORNERS)
+def test_prv_matches_pld_at_the_corners(sigma, q, steps, delta):
+    reference = corner_reference(sigma, q, steps, delta)
+    epsilon = compose_epsilon([event(sigma, q, steps)], delta=delta)
+    if reference == 0:  # delta is met at epsilon = 0
+        assert epsilon == 0
+    else:
+        assert epsilon == pytest.approx(reference, rel=0.03)
+    assert epsilon <= compose_epsilon([event(sigma, q, steps)], delta=delta, accountant="rdp")
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps", "delta"), [c for c in CORNERS if c[0] == 5.0 and c[1] == 1e-4])
+def test_refined_prv_stays_inside_opacus_certified_interval(sigma, q, steps, delta):
+    """The tiny-eps corners, where the PLD refinement decides: the result is at most Opacus' PRV upper bound
+    and at least its certified lower bound (a coarse grid, so both are cheap)."""
+    lower, upper = prv_interval(sigma, q, steps, delta, eps_error=0.01)
+    epsilon = compose_epsilon([event(sigma, q, steps)], delta=delta)
+    assert max(lower, 0.0) <= epsilon <= upper
 
 
 def event(sigma: float, q: float, steps: int) -> DPEvent:
