@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.models import TextClassifier, fresh_encoder_like
+from compression.models import TextClassifier, fresh_encoder_like, load_classifier
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     alpha: float = 0.5          # lambda: weight of the KD term; 0 = plain task loss, 1 = pure KD
     temperature: float = 2.0
-    init: str = "every_other"   # key of STUDENT_INITS
-    layer_map: tuple[int, ...] | None = None   # teacher layers copied into the student (default: every other)
+    init: str = "every_other"   # key of STUDENT_INITS: every_other (zero-shot from the teacher), pretrained, random
+    layer_map: tuple[int, ...] | None = None   # layers kept in the student (default: every other)
+    student: str | None = None  # init "pretrained": a public model (hub name or folder); default: the teacher's base
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -49,29 +50,53 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return (1 - alpha) * task + alpha * temperature**2 * kl
 
 
-def every_other_layer(teacher: TextClassifier, layer_map: tuple[int, ...] | None = None) -> TextClassifier:
-    """A shallower student: embeddings, head and the teacher layers in `layer_map` (default 0, 2, 4, ...)."""
-    layer_map = layer_map or tuple(range(0, teacher.num_layers, 2))
-    bad = [i for i in layer_map if not 0 <= i < teacher.num_layers]
-    if bad:
-        raise ValueError(f"layer_map entries {bad} outside the teacher's {teacher.num_layers} layers")
-    student = copy.deepcopy(teacher)
-    student.encoder.encoder.layer = nn.ModuleList(copy.deepcopy(teacher.layers[i]) for i in layer_map)
+def _keep_layers(model: TextClassifier, layer_map: tuple[int, ...] | None) -> TextClassifier:
+    """A copy of `model` with only the encoder layers in `layer_map` (default 0, 2, 4, ...)."""
+    layer_map = tuple(range(0, model.num_layers, 2)) if layer_map is None else tuple(layer_map)
+    bad = [i for i in layer_map if not 0 <= i < model.num_layers]
+    if bad or not layer_map:
+        raise ValueError(f"layer_map {list(layer_map)}: entries must lie in 0..{model.num_layers - 1} "
+                         f"(the model's {model.num_layers} layers), at least one")
+    student = copy.deepcopy(model)
+    student.encoder.encoder.layer = nn.ModuleList(copy.deepcopy(model.layers[i]) for i in layer_map)
     student.encoder.config.num_hidden_layers = len(layer_map)
     return student
 
 
-def random_init(teacher: TextClassifier, layer_map: tuple[int, ...] | None = None) -> TextClassifier:
-    """Baseline: the student's shape with freshly initialised weights."""
-    student = every_other_layer(teacher, layer_map)
+def every_other_layer(teacher: TextClassifier, config: DistillConfig | None = None, **_) -> TextClassifier:
+    """"Zero-shot" from the DP teacher: its embeddings, head and the layers in `config.layer_map`."""
+    return _keep_layers(teacher, config.layer_map if config else None)
+
+
+def random_init(teacher: TextClassifier, config: DistillConfig | None = None, **_) -> TextClassifier:
+    """Baseline: the zero-shot student's shape with freshly initialised weights."""
+    student = every_other_layer(teacher, config)
     student.encoder = fresh_encoder_like(student)
     nn.init.normal_(student.head.weight, std=0.02)
     nn.init.zeros_(student.head.bias)
     return student
 
 
-STUDENT_INITS: dict[str, Callable[..., TextClassifier]] = {"every_other": every_other_layer, "random": random_init}
+def pretrained_init(teacher: TextClassifier, config: DistillConfig | None = None, *, base: str | None = None,
+                    teacher_vocab: dict | None = None) -> TextClassifier:
+    """A public pretrained model (`config.student`, else `base`: the teacher's own public starting point) with a
+    fresh head, keeping `config.layer_map` layers if given. Public weights: no privacy cost. Its vocabulary must
+    equal the teacher's (`teacher_vocab`), since both read the same tokenised private data."""
+    name = (config.student if config else None) or base
+    if not name:
+        raise ValueError("distill.method.student: init 'pretrained' needs a model name or path")
+    student, tokenizer = load_classifier(name, num_labels=teacher.num_labels, pooling=teacher.pooling,
+                                         dropout=teacher.dropout.p)
+    if teacher_vocab is not None and tokenizer is not None and tokenizer.get_vocab() != teacher_vocab:
+        raise ValueError(f"distill.method.student={name!r}: its tokenizer differs from the teacher's; "
+                         "a pretrained student must share the teacher's vocabulary")
+    return _keep_layers(student, config.layer_map) if config and config.layer_map else student
 
 
-def make_student(teacher: TextClassifier, config: DistillConfig) -> TextClassifier:
-    return STUDENT_INITS[config.init](teacher, config.layer_map)
+STUDENT_INITS: dict[str, Callable[..., TextClassifier]] = {
+    "every_other": every_other_layer, "random": random_init, "pretrained": pretrained_init}
+
+
+def make_student(teacher: TextClassifier, config: DistillConfig, **context) -> TextClassifier:
+    """The student for `config.init`; `context` (base, teacher_vocab) reaches initialisers that use it."""
+    return STUDENT_INITS[config.init](teacher, config, **context)

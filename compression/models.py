@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
+
+from compression.structured import layer_shapes, shrink_to_shapes
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,10 @@ def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> 
         tokenizer.save_pretrained(tmp)
     torch.save(model.head.state_dict(), tmp / _HEAD_FILE)
     meta = {"num_labels": model.num_labels, "pooling": model.pooling, "dropout": model.dropout.p}
+    config, shapes = model.encoder.config, layer_shapes(model)
+    if any(s != {"num_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
+           for s in shapes):
+        meta["layer_shapes"] = shapes  # structurally pruned: the config's uniform shapes no longer hold
     (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)  # atomic: a crash never leaves a half-written model behind
@@ -160,9 +167,20 @@ def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> 
 
 
 def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
+    """A folder written by `save_classifier`, structurally pruned ones included, and its tokenizer (or None)."""
     directory = Path(directory)
     meta = json.loads((directory / _META_FILE).read_text())
-    model = TextClassifier(_encoder(directory), **meta)
+    shapes = meta.pop("layer_shapes", None)
+    if shapes is None:
+        model = TextClassifier(_encoder(directory), **meta)
+    else:  # build from the config, cut to the saved shapes, then load the weights
+        model = TextClassifier(_encoder(None, AutoConfig.from_pretrained(directory)), **meta)
+        shrink_to_shapes(model, shapes)
+        weights = {}
+        for file in sorted(directory.glob("*.safetensors")):  # one file, or the shards of a large encoder
+            weights.update(load_file(file))
+        model.encoder.load_state_dict(weights, strict=True)
+        model.encoder.eval()  # as from_pretrained leaves it
     model.head.load_state_dict(torch.load(directory / _HEAD_FILE, weights_only=True))
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
     return model, tokenizer

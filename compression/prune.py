@@ -18,10 +18,12 @@ SCORERS: dict[str, Scorer] = {"magnitude": lambda w: w.detach().abs()}
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig:
-    """Iterative magnitude pruning: `rounds` rounds, each bringing sparsity up to the schedule's next value."""
+    """Iterative magnitude pruning: `rounds` rounds, each bringing sparsity up to the schedule's next value, or an
+    explicit list `sparsities` (one round each, increasing, e.g. [0.5, 0.7, 0.9])."""
 
     target_sparsity: float = 0.5     # fraction of the selected weights that are zero after the last round
     rounds: int = 2
+    sparsities: tuple[float, ...] | None = None   # explicit per-round sparsities; overrides the two above
     scope: Literal["global", "layer"] = "global"   # one threshold over all tensors, or one per tensor
     scorer: str = "magnitude"
     include: str = "encoder.encoder.layer."   # name prefix of prunable tensors (2-D weights only)
@@ -35,9 +37,20 @@ class PruneConfig:
             raise ValueError(f"scope must be 'global' or 'layer', got {self.scope!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
+        if self.sparsities is not None:
+            values = list(self.sparsities)
+            if not values or any(not 0 < v < 1 for v in values) or values != sorted(set(values)):
+                raise ValueError(f"sparsities must be increasing values in (0, 1), got {values}")
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.sparsities) if self.sparsities is not None else self.rounds
 
     def sparsity_after(self, round_index: int) -> float:
-        """Sparsity reached after round `round_index` (1-based): equal steps in kept fraction, geometrically."""
+        """Sparsity reached after round `round_index` (1-based): `sparsities[round_index - 1]`, else equal steps
+        in kept fraction, geometrically, to `target_sparsity`."""
+        if self.sparsities is not None:
+            return self.sparsities[round_index - 1]
         keep = (1 - self.target_sparsity) ** (round_index / self.rounds)
         return 1 - keep
 

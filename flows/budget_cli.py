@@ -99,20 +99,31 @@ def _fail(err: Exception) -> int:
 
 
 def plan_values(cfg, num_train: int) -> dict:
-    """The privacy plan of study `cfg` with `num_train` private examples, as plain values (no I/O)."""
-    from flows.plan import private_stages
-    from privacy.ledger import plan_noise
+    """The privacy plan of study `cfg` with `num_train` private examples, as plain values (no I/O).
 
-    budget, stages = cfg.privacy, private_stages(cfg, num_train)
+    Each stage's epsilon is cumulative in run order (scope "study") or along its own line, teacher first
+    (scope "line"); `epsilon` is the study's total (scope "study") or the largest line's."""
+    from flows.plan import lines, plan_sigmas, private_stages
+
+    budget = cfg.privacy
     target_delta = budget.resolve_delta(num_train)
-    sigmas = plan_noise(stages, target_epsilon=budget.epsilon, delta=target_delta, accountant=budget.accountant)
-    events = [plan.event_at(sigma) for plan, sigma in zip(stages, sigmas)]
-    rows = [{"stage": plan.stage, "sample_rate": plan.sample_rate, "steps": plan.num_steps, "sigma": sigma,
-             "fixed": plan.noise_multiplier is not None,
-             "epsilon": compose_epsilon(events[:i + 1], delta=target_delta, accountant=budget.accountant)}
-            for i, (plan, sigma) in enumerate(zip(stages, sigmas))]
-    return {"study": cfg.name, "task": cfg.data.task, "num_train": num_train, "stages": rows,
-            "epsilon": rows[-1]["epsilon"], "target_epsilon": budget.epsilon, "delta": target_delta,
+    sigmas = plan_sigmas(cfg, num_train)
+    plans = {p.stage: p for p in private_stages(cfg, num_train)}
+    line_of = {s.name: name for name, stages in lines(cfg).items() for s in stages}
+    rows, history = [], {}
+    for name, plan in plans.items():
+        line = line_of.get(name, "teacher")
+        key = "study" if budget.scope == "study" else line
+        prior = history.get(key, [] if key in ("study", "teacher") else list(history["teacher"]))
+        history[key] = [*prior, plan.event_at(sigmas[name])]
+        rows.append({"stage": name, "line": line, "sample_rate": plan.sample_rate, "steps": plan.num_steps,
+                     "sigma": sigmas[name], "fixed": plan.noise_multiplier is not None,
+                     "epsilon": compose_epsilon(history[key], delta=target_delta, accountant=budget.accountant)})
+    every = [plans[n].event_at(sigmas[n]) for n in plans]
+    total = compose_epsilon(every, delta=target_delta, accountant=budget.accountant)
+    return {"study": cfg.name, "task": cfg.data.task, "num_train": num_train, "stages": rows, "scope": budget.scope,
+            "epsilon": total if budget.scope == "study" else max(r["epsilon"] for r in rows),
+            "epsilon_all_models": total, "target_epsilon": budget.epsilon, "delta": target_delta,
             "delta_is_1_over_n": budget.delta is None, "accountant": budget.accountant,
             "sampling": SAMPLING, "unit": UNIT}
 
@@ -125,10 +136,13 @@ def format_plan(values: dict) -> str:
     note = " = 1/n" if values["delta_is_1_over_n"] else ""
     return "\n".join([
         f"privacy plan for study {values['study']!r}: {values['task']}, n = {values['num_train']:,} private "
-        f"training examples; epsilon is cumulative",
+        f"training examples; epsilon is cumulative "
+        + ("in run order" if values["scope"] == "study" else "along each line, teacher first"),
         table,
-        f"total: epsilon = {values['epsilon']:.4f} (target {values['target_epsilon']:g}) "
-        f"{_guarantee(values, note)}",
+        (f"total: epsilon = {values['epsilon']:.4f} (target {values['target_epsilon']:g}) "
+         if values["scope"] == "study" else
+         f"each line: epsilon <= {values['epsilon']:.4f} (target {values['target_epsilon']:g}); releasing every "
+         f"line's models together: epsilon = {values['epsilon_all_models']:.4f} ") + _guarantee(values, note),
     ])
 
 

@@ -15,7 +15,7 @@ def format_table(rows: list[dict]) -> str:
     """Plain-text table, one row per model."""
     if not rows:
         return "(no models)"
-    headers = list(rows[0])
+    headers = list(dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(r.get(h)) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
@@ -56,9 +56,31 @@ def cmd_run(args) -> int:
     rows = study(config_path=str(args.config), overrides=args.set, glue_dir=args.glue_dir)
     print()
     print(format_table(rows))
-    print(f"\nepsilon: cumulative over the study's private stages up to each model, at the delta shown; "
-          f"{cfg.privacy.accountant.upper()} accountant, Poisson sampling, unit of privacy: one training example "
-          f"(add/remove). Study budget: epsilon={cfg.privacy.epsilon:g}.")
+    footer = cfg.study_dir / "results" / "footer.txt"
+    budget = "per model line" if cfg.privacy.scope == "line" else "for the whole study"
+    print(f"\n{footer.read_text() if footer.exists() else ''} Budget: epsilon={cfg.privacy.epsilon:g} {budget}.")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Print a finished study's results table (Markdown) from the tracking server."""
+    from tasks.tracking import fetch_results
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.config:
+        try:
+            uri = uri or load_config(args.config).tracking_uri()
+        except (ConfigError, ValueError) as err:
+            print(f"dpcompress: {err}", file=sys.stderr)
+            return 2
+    if not uri:
+        print("dpcompress: report needs --tracking-uri, $MLFLOW_TRACKING_URI or --config", file=sys.stderr)
+        return 2
+    try:
+        print(fetch_results(uri=uri, run_id=args.run_id, name="results.csv" if args.csv else "results.md"))
+    except LookupError as err:
+        print(f"dpcompress: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -72,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--glue-dir", default=None,
                      help=f"local GLUE folder (SST-2/, CoLA/, ...) when data.dir is unset; or ${GLUE_DIR_ENV}")
     run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="print a finished study's results table from the tracking server")
+    report.add_argument("run_id", help="the study's MLflow run id (the parent run)")
+    report.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else --config's store")
+    report.add_argument("--config", default=None, help="study YAML whose tracking store to read")
+    report.add_argument("--csv", action="store_true", help="print the CSV instead of the Markdown table")
+    report.set_defaults(func=cmd_report)
     add_budget_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compression.data import DataConfig
 from compression.distill import DistillConfig
 from compression.models import ModelConfig
 from compression.prune import PruneConfig
+from compression.structured import StructuredConfig
 from compression.train import TrainConfig
 from privacy.config import BudgetConfig
 
@@ -23,15 +24,46 @@ class _Section(BaseModel):
 
 
 class PruneSection(_Section):
+    """Unstructured DPIMP: masks, then DP fine-tuning each round (optionally with KD from the DP teacher)."""
     enabled: bool = True
     schedule: PruneConfig = PruneConfig()
     train: TrainConfig = TrainConfig(epochs=1.0)
+    distill_alpha: float = Field(0.0, ge=0, le=1)   # KD weight in the fine-tuning loss (0: task loss only)
+    temperature: float = Field(2.0, gt=0)
+    rewind: bool = False    # reset surviving weights to the DP teacher's before fine-tuning (no privacy cost)
+
+
+class StructuredSection(_Section):
+    """Structured DPIMP: whole layers, attention heads and FFN neurons removed by weight magnitude, DP fine-tuning
+    after each round. Off by default."""
+    enabled: bool = False
+    schedule: StructuredConfig = StructuredConfig()
+    train: TrainConfig = TrainConfig(epochs=1.0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _data_free_scorer(cls, schedule: StructuredConfig) -> StructuredConfig:
+        if schedule.scorer != "magnitude":
+            raise ValueError(f"scorer {schedule.scorer!r}: a study stage scores by weight magnitude only "
+                             "('taylor' needs privatised gradients, available from the library)")
+        return schedule
 
 
 class DistillSection(_Section):
+    """DPKD: one student (`method`) or one per initialisation in `inits`."""
     enabled: bool = True
     method: DistillConfig = DistillConfig()
+    inits: list[Literal["every_other", "pretrained", "random"]] | None = None   # several students, one each
+    after: Literal["prune", "teacher"] = "prune"   # compose after the pruning rounds, or a line of its own
     train: TrainConfig = TrainConfig()
+
+
+class NonPrivateSection(_Section):
+    """A non-private teacher baseline (epsilon = infinity): no noise; clipping at train.max_grad_norm, so set it
+    large. For the results table only: never registered, never an upstream of a private model."""
+    enabled: bool = False
+    train: TrainConfig = TrainConfig(max_grad_norm=1e6, batch_size=32, learning_rate=0.05,
+                                     encoder_learning_rate=0.05)
 
 
 class TrackingSection(_Section):
@@ -47,7 +79,9 @@ class StudyConfig(_Section):
     model: ModelConfig = ModelConfig()
     privacy: BudgetConfig = BudgetConfig()
     teacher: TrainConfig = TrainConfig()
+    nonprivate: NonPrivateSection = NonPrivateSection()
     prune: PruneSection = PruneSection()
+    structured: StructuredSection = StructuredSection()
     distill: DistillSection = DistillSection()
     tracking: TrackingSection = TrackingSection()
 

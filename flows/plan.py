@@ -1,28 +1,79 @@
-"""Which stages of a study train on the private data, with their sampling, steps and share of the budget."""
+"""The study's model lines (which stages train on the private data, in what order, from which model) and their
+privacy plan. A line starts from the DP teacher: the pruning rounds, the structured rounds, each distilled student."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flows.config import StudyConfig
-from privacy.ledger import StagePlan
+from privacy.ledger import StagePlan, plan_lines
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One private stage: its name, kind (`prune`, `structured`, `distill`), round or student, and training."""
+
+    name: str
+    kind: str
+    train: object
+    share: float
+    round_index: int = 0
+    init: str | None = None
+
+
+def lines(cfg: StudyConfig) -> dict[str, list[Stage]]:
+    """Line name -> its stages in run order. Distillation joins the pruning line (`distill.after: prune`, the
+    default: the student composes after the pruning rounds) or gives each student a line of its own."""
+    b, out = cfg.privacy, {}
+    if cfg.prune.enabled:
+        rounds = cfg.prune.schedule.num_rounds
+        out["unstructured"] = [Stage(f"prune_{r}", "prune", cfg.prune.train, b.prune_share / rounds, round_index=r)
+                               for r in range(1, rounds + 1)]
+    if cfg.structured.enabled:
+        rounds = cfg.structured.schedule.rounds
+        out["structured"] = [Stage(f"structured_{r}", "structured", cfg.structured.train,
+                                   b.structured_share / rounds, round_index=r) for r in range(1, rounds + 1)]
+    if cfg.distill.enabled:
+        inits = cfg.distill.inits or [None]
+        students = [Stage(f"distill_{i}" if i else "distill", "distill", cfg.distill.train, b.distill_share, init=i)
+                    for i in inits]
+        if cfg.distill.after == "prune" and "unstructured" in out:
+            out["unstructured"] += students
+        else:
+            out |= {s.name: [s] for s in students}
+    return out
+
+
+def _plan(stage_name: str, train, share: float, num_train: int, fixed: dict) -> StagePlan:
+    return StagePlan(stage=stage_name, sample_rate=train.sample_rate(num_train), num_steps=train.num_steps(num_train),
+                     budget_share=share, noise_multiplier=fixed.get(stage_name))
 
 
 def private_stages(cfg: StudyConfig, num_train: int) -> list[StagePlan]:
-    """Every stage that trains on the private data, in run order.
-
-    Stages are calibrated in this order, each to its cumulative share of the budget, so a later stage's
-    settings (steps, sampling) never change an earlier stage's sigma: changing pruning never retrains
-    the teacher. Shares are renormalised over the stages that run. A stage named in
-    `privacy.fixed_noise` keeps that noise multiplier; ValueError if it names a stage that does not run.
-    """
-    b = cfg.privacy
-    stages = [("teacher", cfg.teacher, b.teacher_share)]
-    if cfg.prune.enabled:
-        rounds = cfg.prune.schedule.rounds
-        stages += [(f"prune_{r}", cfg.prune.train, b.prune_share / rounds) for r in range(1, rounds + 1)]
-    if cfg.distill.enabled:
-        stages.append(("distill", cfg.distill.train, b.distill_share))
-    unknown = sorted(set(b.fixed_noise) - {name for name, _, _ in stages})
+    """Every stage that trains on the private data, in run order (teacher, then line by line)."""
+    fixed = cfg.privacy.fixed_noise
+    stages = [_plan("teacher", cfg.teacher, cfg.privacy.teacher_share, num_train, fixed)]
+    stages += [_plan(s.name, s.train, s.share, num_train, fixed) for line in lines(cfg).values() for s in line]
+    unknown = sorted(set(fixed) - {s.stage for s in stages})
     if unknown:
         raise ValueError(f"privacy.fixed_noise names stages that do not run: {unknown}; "
-                         f"stages: {[name for name, _, _ in stages]}")
-    return [StagePlan(stage=name, sample_rate=train.sample_rate(num_train), num_steps=train.num_steps(num_train),
-                      budget_share=share, noise_multiplier=b.fixed_noise.get(name)) for name, train, share in stages]
+                         f"stages: {[s.stage for s in stages]}")
+    return stages
+
+
+def plan_inputs(cfg: StudyConfig, num_train: int) -> tuple[StagePlan, list[list[StagePlan]]]:
+    """The teacher's plan and each line's stage plans: what `privacy.ledger.plan_lines` calibrates."""
+    stages = {s.stage: s for s in private_stages(cfg, num_train)}
+    return stages["teacher"], [[stages[s.name] for s in line] for line in lines(cfg).values()]
+
+
+def plan_sigmas(cfg: StudyConfig, num_train: int) -> dict[str, float]:
+    """Stage name -> calibrated sigma under `privacy.scope` (see `privacy.ledger.plan_lines`).
+
+    Stages are calibrated in run order, each to its cumulative share, so a later stage's settings never
+    change an earlier stage's sigma: changing pruning never retrains the teacher. ValueError if
+    `privacy.fixed_noise` names a stage that does not run.
+    """
+    teacher, by_line = plan_inputs(cfg, num_train)
+    b = cfg.privacy
+    return plan_lines(teacher, by_line, scope=b.scope, target_epsilon=b.epsilon,
+                      delta=b.resolve_delta(num_train), accountant=b.accountant)

@@ -1,17 +1,20 @@
-"""The study flow: prepare data -> DP teacher -> DP pruning rounds -> DP distillation -> evaluate -> register."""
+"""The study flow: prepare data -> DP teacher -> model lines (DP pruning rounds, structured rounds, DP distillation),
+each starting from the teacher -> evaluate every model -> results table -> register the final model."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
 from prefect import flow
 
 from flows.config import StudyConfig, load_config
-from flows.plan import private_stages
+from flows.plan import Stage, lines, plan_inputs
 from tasks.budget import plan_privacy
 from tasks.data import prepare_data
-from tasks.evaluation import close_study, evaluate_model, open_study, register_final
-from tasks.training import distill, prune_round, train_teacher
+from tasks.evaluation import close_study, evaluate_model, open_study, register_final, results_table
+from tasks.structured import structured_round
+from tasks.training import distill, prune_round, train_nonprivate, train_teacher
 
 
 def study_key(cfg: StudyConfig) -> str:
@@ -32,34 +35,49 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     common = {"output_dir": out, "tracking_uri": uri, "parent_run_id": parent}
     try:
         data = prepare_data(data=cfg.data, tokenizer_name=cfg.model.name_or_path, **common)
-        plan = plan_privacy(stages=private_stages(cfg, data.num_train), budget=cfg.privacy, num_train=data.num_train)
-
+        teacher_plan, line_plans = plan_inputs(cfg, data.num_train)
+        plan = plan_privacy(teacher=teacher_plan, lines=line_plans, budget=cfg.privacy, num_train=data.num_train)
+        models = []
+        if cfg.nonprivate.enabled:
+            models.append(train_nonprivate(stage="nonprivate_teacher", data=data, model=cfg.model,
+                                           train=cfg.nonprivate.train, **common))
         teacher = train_teacher(stage="teacher", data=data, model=cfg.model, train=cfg.teacher,
                                 budget=plan["teacher"], **common)
-        models, last = [teacher], teacher
-        if cfg.prune.enabled:
-            for r in range(1, cfg.prune.schedule.rounds + 1):
-                last = prune_round(stage=f"prune_{r}", round_index=r, upstream=last, data=data,
-                                   schedule=cfg.prune.schedule, train=cfg.prune.train,
-                                   budget=plan[f"prune_{r}"], **common)
-                models.append(last)
-        if cfg.distill.enabled:
-            models.append(distill(stage="distill", teacher=teacher, spent=last, data=data,
-                                  method=cfg.distill.method, train=cfg.distill.train,
-                                  budget=plan["distill"], **common))
+        models.append(teacher)
+        last = teacher  # study scope: every stage extends the ledger of the stage before it, across lines
+        for line in lines(cfg).values():
+            previous = teacher
+            for stage in line:
+                spent = last if cfg.privacy.scope == "study" else previous
+                previous = last = run_stage(cfg, stage, source=previous, teacher=teacher, spent=spent, data=data,
+                                            budget=plan[stage.name], common=common)
+                models.append(previous)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
         register_final(model=models[-1], name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}",
                        task_name=data.task, tracking_uri=uri)
+        line_of = {s.name: name for name, stages in lines(cfg).items() for s in stages}
+        rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},
+                             metric=data.metric, scope=cfg.privacy.scope, tracking_uri=uri, parent_run_id=parent,
+                             output_dir=out)
     except BaseException:
         close_study(tracking_uri=uri, run_id=parent, rows=None, failed=True)
         raise
-    rows = [summary_row(e, data.metric) for e in evals]
     close_study(tracking_uri=uri, run_id=parent, rows=rows)
     return rows
 
 
-def summary_row(evaluation, metric: str) -> dict:
-    r = evaluation.results
-    return {"stage": evaluation.stage, metric: r["metric"], "sparsity": r["sparsity"], "parameters": r["parameters"],
-            "size_mb": r.get("size_bytes", 0) / 1e6, "epsilon": r["epsilon"], "delta": r["delta"]}
+def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budget, common):
+    """One private stage of a line: a pruning round, a structured round, or a distilled student."""
+    if stage.kind == "prune":
+        p = cfg.prune
+        return prune_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
+                           teacher=teacher, data=data, schedule=p.schedule, train=p.train, budget=budget,
+                           distill_alpha=p.distill_alpha, temperature=p.temperature, rewind=p.rewind, **common)
+    if stage.kind == "structured":
+        return structured_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
+                                data=data, schedule=cfg.structured.schedule, train=cfg.structured.train,
+                                budget=budget, **common)
+    method = dataclasses.replace(cfg.distill.method, init=stage.init) if stage.init else cfg.distill.method
+    return distill(stage=stage.name, teacher=teacher, spent=spent, data=data, method=method,
+                   train=cfg.distill.train, budget=budget, base_model=cfg.model.name_or_path, **common)

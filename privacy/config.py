@@ -11,7 +11,9 @@ class BudgetConfig:
 
     `delta=None` means 1/n for n private training examples. Shares are fractions of the budget given to
     the teacher, to all pruning rounds together, and to distillation; they are renormalised over the
-    stages that run. `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
+    stages that run. `scope` "study": everything the study trains composes into (epsilon, delta); "line": each
+    model line (teacher + its pruning rounds, structured rounds or student) does, with the teacher taking
+    `teacher_share` (< 1) of epsilon in every line (see `privacy.ledger.plan_lines`). `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
     multiplier it uses as given instead of a calibrated one; the other stages are calibrated around it.
     """
 
@@ -21,6 +23,8 @@ class BudgetConfig:
     teacher_share: float = 0.5
     prune_share: float = 0.25
     distill_share: float = 0.25
+    structured_share: float = 0.25
+    scope: Literal["study", "line"] = "study"
     secure_mode: bool = False
     fixed_noise: dict[str, float] = field(default_factory=dict)
 
@@ -29,7 +33,7 @@ class BudgetConfig:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        for name in ("teacher_share", "prune_share", "distill_share"):
+        for name in ("teacher_share", "prune_share", "distill_share", "structured_share"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for stage, sigma in self.fixed_noise.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .accounting import ACCOUNTANTS, BudgetError, DPEvent, calibrate_noise, compose_epsilon
@@ -261,3 +261,45 @@ def _calibrate(plan: StagePlan, target: float, prior: list[DPEvent], delta: floa
                                delta=delta, prior=prior, accountant=accountant)
     except BudgetError as err:
         raise BudgetError(f"stage '{plan.stage}' (cumulative budget {target:.3f}): {err}") from err
+
+
+SCOPES = ("study", "line")
+
+
+def plan_lines(teacher: StagePlan, lines: Sequence[Sequence[StagePlan]], *, scope: str, target_epsilon: float,
+               delta: float, accountant: str = "prv") -> dict[str, float]:
+    """Noise multipliers (stage name -> sigma) for a teacher followed by model lines that each start from it.
+
+    scope "study": every stage of every line composes with every other into one (target_epsilon, delta),
+    in the order teacher, line 0, line 1, ... (`plan_noise` over that sequence): releasing all models
+    together is covered. scope "line": each line, teacher included, composes to target_epsilon on its
+    own (the paper's comparison of compression methods at one epsilon); the teacher takes the fraction
+    `teacher.budget_share` (< 1) of it in every line and each line's stages split the rest by their
+    shares. The teacher gets one sigma, the same in every line. Releasing models of several lines
+    together costs their composition (`union_epsilon`), above target_epsilon.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "study" or not lines:
+        stages = [teacher, *(s for line in lines for s in line)]
+        return dict(zip((s.stage for s in stages), plan_noise(stages, target_epsilon=target_epsilon, delta=delta,
+                                                                  accountant=accountant)))
+    if not 0 < teacher.budget_share < 1:
+        raise ValueError(f"with scope 'line' the teacher's share is a fraction of epsilon in (0, 1), "
+                         f"got {teacher.budget_share!r}")
+    _check_names([teacher, *(s for line in lines for s in line)], ())
+    sigmas: dict[str, float] = {}
+    for line in lines:
+        rest = (1 - teacher.budget_share) / sum(s.budget_share for s in line)
+        first = teacher if not sigmas else replace(teacher, noise_multiplier=sigmas[teacher.stage])
+        stages = [first, *(replace(s, budget_share=s.budget_share * rest) for s in line)]
+        sigmas |= dict(zip((s.stage for s in stages), plan_noise(stages, target_epsilon=target_epsilon,
+                                                                  delta=delta, accountant=accountant)))
+    return sigmas
+
+
+def union_epsilon(ledgers: Sequence[Ledger], *, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of releasing every model whose ledger is given: the composition of all distinct stages
+    (a stage shared by several lineages, like the teacher, counts once)."""
+    entries = {e.stage: e for ledger in ledgers for e in ledger.entries}
+    return compose_epsilon([e.event for e in entries.values()], delta=delta, accountant=accountant)

@@ -4,19 +4,22 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from privacy.config import BudgetConfig, StageBudget
-from privacy.ledger import StagePlan, plan_noise
+from privacy.ledger import StagePlan, plan_lines
 from tasks.caching import STAGE_CACHE
 
 
 @task(name="plan_privacy", cache_policy=STAGE_CACHE, persist_result=True)
-def plan_privacy(*, stages: list[StagePlan], budget: BudgetConfig, num_train: int) -> dict[str, StageBudget]:
-    """Sigma per stage so the composition of all stages meets (epsilon, delta); stage name -> its budget."""
+def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: BudgetConfig,
+                 num_train: int) -> dict[str, StageBudget]:
+    """Sigma per stage so that the study (scope "study") or each line (scope "line") meets (epsilon, delta)."""
     delta = budget.resolve_delta(num_train)
-    sigmas = plan_noise(stages, target_epsilon=budget.epsilon, delta=delta, accountant=budget.accountant)
+    sigmas = plan_lines(teacher, lines, scope=budget.scope, target_epsilon=budget.epsilon, delta=delta,
+                        accountant=budget.accountant)
+    plans = {p.stage: p for p in [teacher, *(s for line in lines for s in line)]}
     logger = get_run_logger()
-    for plan, sigma in zip(stages, sigmas):
-        logger.info("privacy plan: %-8s q=%.4g steps=%d sigma=%.4f", plan.stage, plan.sample_rate,
-                    plan.num_steps, sigma)
-    return {plan.stage: StageBudget(noise_multiplier=sigma, target_epsilon=budget.epsilon, delta=delta,
-                                    accountant=budget.accountant, secure_mode=budget.secure_mode)
-            for plan, sigma in zip(stages, sigmas)}
+    for name, sigma in sigmas.items():
+        logger.info("privacy plan: %-14s q=%.4g steps=%d sigma=%.4f", name, plans[name].sample_rate,
+                    plans[name].num_steps, sigma)
+    return {name: StageBudget(noise_multiplier=sigma, target_epsilon=budget.epsilon, delta=delta,
+                              accountant=budget.accountant, secure_mode=budget.secure_mode)
+            for name, sigma in sigmas.items()}

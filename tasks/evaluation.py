@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 from pathlib import Path
 
 from prefect import task
 
 from compression.data import load_encoded
 from compression.evaluate import evaluate
+from compression.export import export_hf, sparse_size_report
 from compression.models import load_saved
+from compression.prune import load_masks
+from compression.report import write_results
+from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
 from tasks.caching import STAGE_CACHE
 from tasks.refs import DataRef, EvalRef, ModelRef
@@ -19,14 +24,21 @@ _PACKAGES = Path(__file__).resolve().parents[1]
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
 def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: str) -> EvalRef:
-    """GLUE metric on the public dev split, sparsity, parameters, size and latency; logged to the model's run."""
-    net, _ = load_saved(model.path)
+    """GLUE metric on the public dev split, sparsity, parameters, size and latency; the model exported as a plain HF
+    folder (and, if pruned with masks, in sparse form, with its size); logged to the model's run."""
+    net, tokenizer = load_saved(model.path)
     results = evaluate(net, load_encoded(Path(data.path) / "dev.pt"), metric=data.metric, directory=model.path)
     results.update(epsilon=model.epsilon, delta=model.delta)
-    Path(model.path).parent.joinpath("eval.json").write_text(json.dumps(results, indent=2))
+    stage_dir = Path(model.path).parent
+    export_hf(net, tokenizer, stage_dir / "hf", id2label=None)
+    if model.masks_path:
+        report = sparse_size_report(net, load_masks(model.masks_path), stage_dir / "sparse")
+        results.update(sparse_size_bytes=report["sparse_bytes"], dense_size_bytes=report["dense_bytes"])
+    stage_dir.joinpath("eval.json").write_text(json.dumps(results, indent=2))
     if model.run_id:
-        tracking.StageRun(tracking.client(tracking_uri), model.run_id).metrics(
-            {f"dev_{k}": v for k, v in results.items() if k not in ("epsilon", "delta")})
+        run = tracking.StageRun(tracking.client(tracking_uri), model.run_id)
+        run.metrics({f"dev_{k}": v for k, v in results.items() if k not in ("epsilon", "delta")})
+        run.tags({"hf_export": str(stage_dir / "hf")})  # a folder on disk: 90 MB per model is too much to upload
     return EvalRef(stage=model.stage, model_sha256=model.sha256, results=results, run_id=model.run_id)
 
 
@@ -42,6 +54,41 @@ def register_final(*, model: ModelRef, name: str, task_name: str, tracking_uri: 
     requirements = [f"{p}=={md.version(p)}" for p in ("torch", "transformers")]
     return tracking.register_model(uri=tracking_uri, run_id=model.run_id, model=net, name=name, tags=tags,
                                    pip_requirements=requirements, code_paths=[str(_PACKAGES / "compression")])
+
+
+@task(name="results_table", cache_policy=STAGE_CACHE, persist_result=True)
+def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: dict[str, str], metric: str,
+                  scope: str, tracking_uri: str, parent_run_id: str, output_dir: str) -> list[dict]:
+    """One row per model (CSV, Markdown, two plots) logged to the study run under results/; returns the rows."""
+    rows = [{"stage": m.stage, "line": lines.get(m.stage, m.stage), "metric": e.results["metric"],
+             "sparsity": e.results["sparsity"], "parameters": e.results["parameters"],
+             "nonzero_parameters": e.results.get("nonzero_parameters"), "size_mb": e.results.get("size_bytes", 0) / 1e6,
+             "sparse_size_mb": e.results.get("sparse_size_bytes", 0) / 1e6 or None,
+             "latency_ms_b1": e.results.get("latency_ms_b1"), "latency_ms_b32": e.results.get("latency_ms_b32"),
+             "epsilon": m.epsilon, "delta": m.delta} for m, e in zip(models, evaluations)]
+    private = [m for m in models if math.isfinite(m.epsilon)]
+    union = union_epsilon([Ledger.load(m.ledger_path) for m in private], delta=private[-1].delta,
+                          accountant=Ledger.load(private[-1].ledger_path).entries[-1].accountant)
+    accountant = Ledger.load(private[-1].ledger_path).entries[-1].accountant
+    footer = privacy_footer(scope=scope, union=union, delta=private[-1].delta, accountant=accountant,
+                            baseline=len(private) < len(models))
+    directory = Path(output_dir) / "results"
+    files = write_results(rows, directory, metric=metric, footer=footer)
+    (directory / "footer.txt").write_text(footer)
+    run = tracking.StageRun(tracking.client(tracking_uri), parent_run_id)
+    run.artifact(directory, "results")
+    run.metrics({"epsilon_all_models": union})
+    return [{(metric if k == "metric" else k): v for k, v in r.items() if v is not None} for r in rows]
+
+
+def privacy_footer(*, scope: str, union: float, delta: float, accountant: str, baseline: bool) -> str:
+    """What the epsilon column means: its scope, delta, accountant, sampling, unit; and the cost of releasing all."""
+    per = ("cumulative over the study's private stages up to each model" if scope == "study" else
+           "of each model's own line (the DP teacher and the stages that produced it)")
+    return (f"epsilon: {per}, at the delta shown; {accountant.upper()} accountant, Poisson sampling, unit of "
+            f"privacy: one training example (add/remove). Releasing every private model above together: "
+            f"epsilon = {union:.4f} at delta = {delta:.3g}."
+            + (" The nonprivate_teacher row (epsilon = inf) is a baseline without any guarantee." if baseline else ""))
 
 
 @task(name="open_study")

@@ -106,6 +106,22 @@ def register_model(*, uri: str, run_id: str, model, name: str, tags: dict, pip_r
     return str(version.version)
 
 
+def fetch_results(*, uri: str, run_id: str, name: str = "results.md") -> str:
+    """The text of a study run's results artifact (`results/<name>`); LookupError naming the run if it has none."""
+    mlflow_client = client(uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise LookupError(f"no run {run_id!r} at {uri}") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow_client.download_artifacts(run.info.run_id, f"results/{name}", tmp)
+        except (mlflow.exceptions.MlflowException, OSError) as err:
+            raise LookupError(f"run {run_id!r} ({run.info.run_name}) has no results table: is it a finished "
+                              f"study run?") from err
+        return Path(path).read_text()
+
+
 def _log_dict(mlflow_client: MlflowClient, run_id: str, data, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name

@@ -5,6 +5,8 @@ logs to its MLflow stage run, and returns a `ModelRef`.
 """
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -94,10 +96,14 @@ def train_teacher(*, stage: str, data: DataRef, model: ModelConfig, train: Train
 
 @task(name="prune_round", cache_policy=STAGE_CACHE, persist_result=True)
 def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: PruneConfig,
-                train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str,
-                parent_run_id: str) -> ModelRef:
-    out = stage_dir(output_dir, stage, {"upstream": upstream, "schedule": schedule, "train": train,
-                                        "budget": budget, "round": round_index})
+                train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
+                spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
+                temperature: float = 2.0, rewind: bool = False) -> ModelRef:
+    """Prune `upstream` to this round's sparsity, then DP fine-tune (KD from `teacher` when distill_alpha > 0;
+    surviving weights reset to the teacher's first when `rewind`). `spent`: the ledger to extend (default upstream)."""
+    out = stage_dir(output_dir, stage, {"upstream": upstream, "spent": spent, "teacher": teacher,
+                                        "schedule": schedule, "train": train, "budget": budget, "round": round_index,
+                                        "kd": [distill_alpha, temperature, rewind]})
     net, tokenizer = load_saved(upstream.path)
     previous = load_masks(upstream.masks_path) if upstream.masks_path else None
     target = schedule.sparsity_after(round_index)
@@ -105,27 +111,64 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                             scorer=schedule.scorer, previous=previous)
     get_run_logger().info("%s: pruning to %.1f%% of %s weights", stage, 100 * target, schedule.include)
     report = sparsity_report(masks)
+    loss_fn = None
+    if teacher is not None and (rewind or distill_alpha > 0):
+        reference, _ = load_saved(teacher.path)
+        if rewind:
+            net.load_state_dict(reference.state_dict())  # dp_train multiplies the masks in before training
+        if distill_alpha > 0:
+            loss_fn = _kd_loss(reference, data, alpha=distill_alpha, temperature=temperature)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
-                     spent=upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     masks=masks, params={"target_sparsity": target, "schedule": vars(schedule),
-                                          "mask_sparsity": report["overall"]})
+                     spent=spent or upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     masks=masks, loss_fn=loss_fn,
+                     params={"target_sparsity": target, "schedule": vars(schedule), "mask_sparsity": report["overall"],
+                             "distill_alpha": distill_alpha, "rewind": rewind})
+
+
+def _kd_loss(teacher, data: DataRef, *, alpha: float, temperature: float):
+    """Per-example KD loss against the DP teacher's soft labels (post-processing of a DP model: no privacy cost)."""
+    soft = torch.as_tensor(predict(teacher, load_encoded(Path(data.path) / "train.pt")))
+
+    def loss_fn(logits, labels, index):
+        return kd_loss(logits, soft[index], labels, alpha=alpha, temperature=temperature)
+    return loss_fn
 
 
 @task(name="distill", cache_policy=STAGE_CACHE, persist_result=True)
 def distill(*, stage: str, teacher: ModelRef, spent: ModelRef, data: DataRef, method: DistillConfig,
             train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str,
-            parent_run_id: str) -> ModelRef:
+            parent_run_id: str, base_model: str | None = None) -> ModelRef:
+    """DPKD: a student (`method.init`) trained with DP-SGD on (1 - alpha) CE + alpha T^2 KL to the DP teacher."""
     out = stage_dir(output_dir, stage, {"teacher": teacher, "spent": spent, "method": method, "train": train,
-                                        "budget": budget})
+                                        "budget": budget, "base": base_model})
     net, tokenizer = load_saved(teacher.path)
-    encoded = load_encoded(Path(data.path) / "train.pt")
-    soft = torch.as_tensor(predict(net, encoded))  # post-processing of the DP teacher: no privacy cost
-    student = make_student(net, method)
-
-    def loss_fn(logits, labels, index):
-        return kd_loss(logits, soft[index], labels, alpha=method.alpha, temperature=method.temperature)
-
+    student = make_student(net, method, base=base_model,
+                           teacher_vocab=tokenizer.get_vocab() if tokenizer is not None else None)
+    loss_fn = _kd_loss(net, data, alpha=method.alpha, temperature=method.temperature)
     return _dp_stage(stage=stage, model=student, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=spent, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      loss_fn=loss_fn, params={"method": vars(method), "student_layers": student.num_layers})
 
+
+@task(name="train_nonprivate", cache_policy=STAGE_CACHE, persist_result=True)
+def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, train: TrainConfig, output_dir: str,
+                     tracking_uri: str, parent_run_id: str) -> ModelRef:
+    """A non-private baseline teacher (no noise; epsilon = infinity). Its record is deliberately not a privacy
+    ledger, so `Ledger.load` refuses it and no private stage can start from it."""
+    out = stage_dir(output_dir, stage, {"data": data, "model": model, "train": train})
+    net, tokenizer = load_classifier(model.name_or_path, num_labels=data.num_labels, pooling=model.pooling,
+                                     dropout=model.dropout, seed=train.seed)
+    with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
+        run.params({"train": vars(train), "private": False, "model": vars(model)})
+        dp_train(net, load_encoded(Path(data.path) / "train.pt"), config=train, noise_multiplier=0.0,
+                 checkpoint_dir=out / "checkpoint")
+        save_classifier(net, tokenizer, out / "model")
+        record = {"format": "dpcompress.nonprivate/1", "epsilon": "inf", "dataset_fingerprint": data.fingerprint,
+                  "note": "trained on the private data WITHOUT differential privacy: a baseline, never release it"}
+        (out / "ledger.json").write_text(json.dumps(record, indent=2))
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        run.tags({"epsilon": "inf", "private": "false"})
+        run.artifact(out / "ledger.json")
+    return ModelRef(stage=stage, path=str(out / "model"), sha256=sha256_of(out / "model"),
+                    ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
+                    epsilon=math.inf, delta=0.0, run_id=run.run_id)

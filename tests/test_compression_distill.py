@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from compression.distill import DistillConfig, every_other_layer, kd_loss, make_student, random_init
-from compression.models import build_tiny
+from compression.models import build_tiny, save_classifier
 
 
 def test_kd_loss_on_hand_built_logits():
@@ -55,5 +55,35 @@ def test_registry_and_validation():
     assert not torch.equal(rand.layers[0].output.dense.weight, teacher.layers[0].output.dense.weight)
     with pytest.raises(ValueError, match="init must be one of"):
         DistillConfig(init="nope")
-    with pytest.raises(ValueError, match="outside"):
-        every_other_layer(teacher, (0, 9))
+    with pytest.raises(ValueError, match="entries must lie in 0..3"):
+        every_other_layer(teacher, DistillConfig(layer_map=(0, 9)))
+
+
+def test_pretrained_student_loads_public_weights_with_a_fresh_head(tmp_path):
+    """init 'pretrained': the public model's weights (not the DP teacher's), a fresh head, layer_map kept."""
+    public = build_tiny(num_layers=4, seed=1)
+    save_classifier(public, None, tmp_path / "public")
+    (tmp_path / "public" / "classifier.json").unlink()  # a plain HF encoder folder, as on the hub
+    teacher = build_tiny(num_layers=4, seed=0)
+    student = make_student(teacher, DistillConfig(init="pretrained", layer_map=(1, 3)), base=str(tmp_path / "public"))
+    assert student.num_layers == 2 and student.pooling == teacher.pooling
+    torch.testing.assert_close(student.layers[1].output.dense.weight, public.layers[3].output.dense.weight)
+    assert not torch.equal(student.layers[1].output.dense.weight, teacher.layers[3].output.dense.weight)
+    full = make_student(teacher, DistillConfig(init="pretrained", student=str(tmp_path / "public")))
+    assert full.num_layers == 4
+
+
+def test_pretrained_student_needs_the_teachers_vocabulary(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    save_classifier(build_tiny(num_layers=2, seed=1), BertTokenizerFast(vocab_file=str(vocab)), tmp_path / "public")
+    (tmp_path / "public" / "classifier.json").unlink()
+    (tmp_path / "public" / "head.pt").unlink()
+    teacher = build_tiny(num_layers=2, seed=0)
+    with pytest.raises(ValueError, match="tokenizer differs from the teacher"):
+        make_student(teacher, DistillConfig(init="pretrained", student=str(tmp_path / "public")),
+                     teacher_vocab={"[PAD]": 0, "x": 1})
+    with pytest.raises(ValueError, match="needs a model name or path"):
+        make_student(teacher, DistillConfig(init="pretrained"))

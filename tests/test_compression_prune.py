@@ -52,3 +52,15 @@ def test_zero_sparsity_keeps_everything_and_bad_settings_fail(tmp_path):
         PruneConfig(target_sparsity=1.0)
     with pytest.raises(ValueError, match="no 2-D parameters"):
         magnitude_masks(model, sparsity=0.5, include="nothing.")
+
+
+def test_explicit_sparsities_give_one_round_each_and_hit_each_target():
+    config = PruneConfig(sparsities=(0.5, 0.7, 0.9))
+    assert config.num_rounds == 3 and [config.sparsity_after(r) for r in (1, 2, 3)] == [0.5, 0.7, 0.9]
+    model, masks = build_tiny(seed=3), None
+    for r in (1, 2, 3):
+        masks = magnitude_masks(model, sparsity=config.sparsity_after(r), include=INCLUDE, previous=masks)
+        assert sparsity_report(masks)["overall"] == pytest.approx(config.sparsity_after(r), abs=1e-3)
+    for bad in ((0.7, 0.5), (0.5, 1.0), ()):
+        with pytest.raises(ValueError, match="sparsities must be increasing"):
+            PruneConfig(sparsities=bad)

@@ -164,3 +164,63 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "teacher.epocs" in out.stderr and "epochs" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, prefect_backend, tiny_model):
+    """flows/configs/paper.yaml at tiny size: a non-private baseline, unstructured and structured DPIMP, DPKD with
+    every initialisation; each line composes to the budget on its own; table, plots, report and HF exports."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from flows.study import study
+    from privacy.ledger import Ledger
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/paper.yaml").read_text())
+    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
+    cfg.update(name="paper", output_dir=str(tmp_path / "runs"), model={"name_or_path": tiny_model})
+    cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
+    cfg["teacher"] = small
+    for section in ("prune", "structured", "distill"):
+        cfg[section]["train"] = small
+    cfg["nonprivate"]["train"] = {**small, "max_grad_norm": 1e6}
+    cfg["tracking"] = {"uri": mlflow_server, "experiment": "e2e-paper"}
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    rows = study(config_path=str(path))
+    by_stage = {r["stage"]: r for r in rows}
+    assert list(by_stage) == ["nonprivate_teacher", "teacher", "prune_1", "prune_2", "prune_3", "structured_1",
+                              "structured_2", "distill_every_other", "distill_pretrained", "distill_random"]
+    assert by_stage["nonprivate_teacher"]["epsilon"] == float("inf")
+    for last in ("prune_3", "structured_2", "distill_every_other", "distill_pretrained", "distill_random"):
+        assert by_stage[last]["epsilon"] == pytest.approx(8.0, rel=0.02)  # each line spends the whole budget
+        assert by_stage[last]["epsilon"] <= 8.0 * (1 + 1e-6)
+    assert by_stage["prune_3"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert by_stage["structured_2"]["parameters"] < by_stage["teacher"]["parameters"]
+    assert by_stage["structured_2"]["line"] == "structured"
+
+    study_dir = tmp_path / "runs" / "paper"
+    stage_dirs = {p.name.rsplit("-", 1)[0]: p for p in (study_dir / "stages").iterdir()}
+    ledger = Ledger.load(stage_dirs["structured_2"] / "ledger.json")
+    assert ledger.stage_names() == ["teacher", "structured_1", "structured_2"]  # its own line only
+    with pytest.raises(ValueError, match="not a privacy ledger"):
+        Ledger.load(stage_dirs["nonprivate_teacher"] / "ledger.json")
+    footer = (study_dir / "results" / "footer.txt").read_text()
+    union = float(footer.split("together: epsilon = ")[1].split()[0])
+    assert union > 8.0  # releasing every line's models costs their composition
+    exported = AutoModelForSequenceClassification.from_pretrained(stage_dirs["structured_2"] / "hf",
+                                                                  trust_remote_code=True)
+    assert sum(p.numel() for p in exported.parameters()) == by_stage["structured_2"]["parameters"]
+    assert json.loads((stage_dirs["prune_3"] / "eval.json").read_text())["sparse_size_bytes"] > 0
+
+    client = MlflowClient(mlflow_server)
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("e2e-paper").experiment_id])
+                  if r.data.tags.get("dpcompress.kind") == "study")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+    assert {"results/results.csv", "results/results.md", "results/sparsity_vs_metric.png",
+            "results/epsilon_vs_metric.png"} <= names
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "report", parent.info.run_id, "--tracking-uri",
+                          mlflow_server], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "| structured_2 | structured |" in out.stdout and "together: epsilon" in out.stdout

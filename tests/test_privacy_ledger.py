@@ -9,7 +9,15 @@ import json
 import pytest
 
 from privacy.accounting import BudgetError, DPEvent, compose_epsilon
-from privacy.ledger import BudgetExceededError, Ledger, LedgerEntry, StagePlan, plan_noise
+from privacy.ledger import (
+    BudgetExceededError,
+    Ledger,
+    LedgerEntry,
+    StagePlan,
+    plan_lines,
+    plan_noise,
+    union_epsilon,
+)
 
 DELTA = 1e-5
 TEACHER = DPEvent(noise_multiplier=1.0, sample_rate=0.02, num_steps=300)
@@ -273,3 +281,47 @@ def test_plan_all_fixed_needs_no_calibration():
 def test_stage_plan_refuses_bad_fixed_sigma():
     with pytest.raises(ValueError, match="stage 'teacher': noise_multiplier"):
         fixed(STAGES[0], 0.0)
+
+
+def _line_plans():
+    teacher = StagePlan(stage="teacher", sample_rate=0.05, num_steps=60, budget_share=0.5)
+    prune = [StagePlan(stage=f"prune_{r}", sample_rate=0.05, num_steps=20, budget_share=0.125) for r in (1, 2)]
+    kd = [StagePlan(stage="kd", sample_rate=0.1, num_steps=40, budget_share=0.25)]
+    return teacher, [prune, kd]
+
+
+def test_plan_lines_scope_line_each_line_meets_the_budget_and_the_teacher_has_one_sigma():
+    teacher, lines = _line_plans()
+    sigmas = plan_lines(teacher, lines, scope="line", target_epsilon=4.0, delta=1e-5)
+    assert set(sigmas) == {"teacher", "prune_1", "prune_2", "kd"}
+    t_event = teacher.event_at(sigmas["teacher"])
+    assert compose_epsilon([t_event], delta=1e-5) == pytest.approx(2.0, rel=0.01)  # its fraction: 0.5
+    ledgers = []
+    for line in lines:
+        events = [t_event, *(p.event_at(sigmas[p.stage]) for p in line)]
+        assert compose_epsilon(events, delta=1e-5) <= 4.0 * (1 + 1e-9)
+        assert compose_epsilon(events, delta=1e-5) == pytest.approx(4.0, rel=0.01)
+        ledger = Ledger()
+        for p in [teacher, *line]:
+            ledger = ledger.record(stage=p.stage, event=p.event_at(sigmas[p.stage]), max_grad_norm=1.0, delta=1e-5)
+        ledgers.append(ledger)
+    both = union_epsilon(ledgers, delta=1e-5)  # the teacher counts once
+    all_events = [t_event, *(p.event_at(sigmas[p.stage]) for line in lines for p in line)]
+    assert both == pytest.approx(compose_epsilon(all_events, delta=1e-5)) and both > 4.0
+
+
+def test_plan_lines_scope_study_composes_everything_into_the_budget():
+    teacher, lines = _line_plans()
+    sigmas = plan_lines(teacher, lines, scope="study", target_epsilon=4.0, delta=1e-5)
+    events = [p.event_at(sigmas[p.stage]) for p in [teacher, *lines[0], *lines[1]]]
+    assert compose_epsilon(events, delta=1e-5) == pytest.approx(4.0, rel=0.01)
+    assert compose_epsilon(events, delta=1e-5) <= 4.0 * (1 + 1e-9)
+
+
+def test_plan_lines_validates_scope_and_teacher_fraction():
+    teacher, lines = _line_plans()
+    with pytest.raises(ValueError, match="scope must be one of"):
+        plan_lines(teacher, lines, scope="model", target_epsilon=4.0, delta=1e-5)
+    with pytest.raises(ValueError, match=r"fraction of epsilon in \(0, 1\)"):
+        plan_lines(StagePlan(stage="teacher", sample_rate=0.05, num_steps=60, budget_share=1.0), lines,
+                   scope="line", target_epsilon=4.0, delta=1e-5)

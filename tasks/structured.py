@@ -1,0 +1,43 @@
+"""Prefect task for one round of structured DPIMP: remove layers, heads and FFN neurons (physically shrinking the
+weight matrices), then DP fine-tune. Scores are data-free (weight magnitude): pruning itself costs no privacy."""
+from __future__ import annotations
+
+import json
+
+from prefect import get_run_logger, task
+
+from compression.models import load_saved
+from compression.structured import StructuredConfig, structured_round as prune_structure
+from compression.train import TrainConfig
+from privacy.config import StageBudget
+from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.refs import DataRef, ModelRef
+from tasks.training import _dp_stage
+
+
+@task(name="structured_round", cache_policy=STAGE_CACHE, persist_result=True)
+def structured_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: StructuredConfig,
+                     train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
+                     spent: ModelRef | None = None) -> ModelRef:
+    """Shrink `upstream` to round `round_index`'s targets, then DP fine-tune; `spent`: the ledger to extend."""
+    out = stage_dir(output_dir, stage, {"upstream": upstream, "spent": spent, "schedule": schedule, "train": train,
+                                        "budget": budget, "round": round_index})
+    net, tokenizer = load_saved(upstream.path)
+    report = prune_structure(net, schedule, round_index)
+    get_run_logger().info("%s: %d layers kept, heads %s, FFN widths %s, parameters %d -> %d", stage,
+                          report["num_layers"], report["heads"], report["ffn"],
+                          report["parameters_before"], report["parameters_after"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "structure.json").write_text(json.dumps(report, indent=2, default=str))
+    train = _fit_trainable(train, net.num_layers)
+    return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
+                     spent=spent or upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     params={"schedule": vars(schedule), "layers_kept": report["num_layers"],
+                             "parameters_after": report["parameters_after"]})
+
+
+def _fit_trainable(train: TrainConfig, num_layers: int) -> TrainConfig:
+    """A shrunk model may have fewer layers than `trainable_layers` asks for: train all of them then."""
+    import dataclasses
+
+    return train if train.trainable_layers <= num_layers else dataclasses.replace(train, trainable_layers=num_layers)
