@@ -79,9 +79,10 @@ def random_init(teacher: TextClassifier, config: DistillConfig | None = None, **
 
 def pretrained_init(teacher: TextClassifier, config: DistillConfig | None = None, *, base: str | None = None,
                     teacher_vocab: dict | None = None) -> TextClassifier:
-    """A public pretrained model (`config.student`, else `base`: the teacher's own public starting point) with a
-    fresh head, keeping `config.layer_map` layers if given. Public weights: no privacy cost. Its vocabulary must
-    equal the teacher's (`teacher_vocab`), since both read the same tokenised private data."""
+    """A public pretrained model with a fresh head: `config.student` (all its layers, or `config.layer_map`), else
+    `base`, the teacher's own public starting point, cut to `config.layer_map` (default every other layer, so the
+    student is compact). Public weights: no privacy cost. Its vocabulary must equal the teacher's
+    (`teacher_vocab`), since both read the same tokenised private data."""
     name = (config.student if config else None) or base
     if not name:
         raise ValueError("distill.method.student: init 'pretrained' needs a model name or path")
@@ -90,7 +91,10 @@ def pretrained_init(teacher: TextClassifier, config: DistillConfig | None = None
     if teacher_vocab is not None and tokenizer is not None and tokenizer.get_vocab() != teacher_vocab:
         raise ValueError(f"distill.method.student={name!r}: its tokenizer differs from the teacher's; "
                          "a pretrained student must share the teacher's vocabulary")
-    return _keep_layers(student, config.layer_map) if config and config.layer_map else student
+    explicit = config is not None and config.student is not None
+    if explicit and not config.layer_map:
+        return student
+    return _keep_layers(student, config.layer_map if config else None)
 
 
 STUDENT_INITS: dict[str, Callable[..., TextClassifier]] = {

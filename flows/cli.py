@@ -23,6 +23,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-3 and value else f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, int):

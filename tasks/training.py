@@ -48,6 +48,20 @@ def _progress(stage: str, run: tracking.StageRun, ledger: Ledger, event: DPEvent
     return on_step
 
 
+def _console_progress(stage: str):
+    """An on_step callback for the non-private baseline: steps, loss and ETA on the console only."""
+    logger, began, last = get_run_logger(), time.monotonic(), [0.0]
+
+    def on_step(step: int, metrics: dict) -> None:
+        now = time.monotonic()
+        if step == metrics["num_steps"] or now - last[0] >= 15:
+            last[0] = now
+            eta = (now - began) / step * (metrics["num_steps"] - step)
+            logger.info("%s: step %d/%d  loss %.4f  (not private)  ETA %ds", stage, step, metrics["num_steps"],
+                        metrics["loss"], eta)
+    return on_step
+
+
 def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig, budget: StageBudget,
               spent: ModelRef | None, out: Path, tracking_uri: str, parent_run_id: str,
               masks=None, loss_fn=None, params: dict | None = None) -> ModelRef:
@@ -161,7 +175,7 @@ def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, train: Tr
     with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
         run.params({"train": vars(train), "private": False, "model": vars(model)})
         dp_train(net, load_encoded(Path(data.path) / "train.pt"), config=train, noise_multiplier=0.0,
-                 checkpoint_dir=out / "checkpoint")
+                 checkpoint_dir=out / "checkpoint", on_step=_console_progress(stage))
         save_classifier(net, tokenizer, out / "model")
         record = {"format": "dpcompress.nonprivate/1", "epsilon": "inf", "dataset_fingerprint": data.fingerprint,
                   "note": "trained on the private data WITHOUT differential privacy: a baseline, never release it"}

@@ -70,7 +70,9 @@ def test_pretrained_student_loads_public_weights_with_a_fresh_head(tmp_path):
     torch.testing.assert_close(student.layers[1].output.dense.weight, public.layers[3].output.dense.weight)
     assert not torch.equal(student.layers[1].output.dense.weight, teacher.layers[3].output.dense.weight)
     full = make_student(teacher, DistillConfig(init="pretrained", student=str(tmp_path / "public")))
-    assert full.num_layers == 4
+    assert full.num_layers == 4  # an explicit public student keeps all its layers
+    compact = make_student(teacher, DistillConfig(init="pretrained"), base=str(tmp_path / "public"))
+    assert compact.num_layers == 2  # the teacher's base, cut to every other layer
 
 
 def test_pretrained_student_needs_the_teachers_vocabulary(tmp_path):

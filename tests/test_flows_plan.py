@@ -1,0 +1,58 @@
+"""flows.plan: which lines a config makes, their stage names and shares, and the plan under each scope."""
+import pytest
+
+from flows.config import ConfigError, load_config
+from flows.plan import lines, plan_sigmas
+from privacy.accounting import compose_epsilon
+
+
+def _cfg(tmp_path, text: str, overrides=()):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: {task: sst2}\n" + text)
+    return load_config(path, list(overrides))
+
+
+def test_default_is_one_chain_with_distill_after_pruning(tmp_path):
+    cfg = _cfg(tmp_path, "")
+    assert {k: [s.name for s in v] for k, v in lines(cfg).items()} == {
+        "unstructured": ["prune_1", "prune_2", "distill"]}
+
+
+def test_paper_lines(tmp_path):
+    cfg = _cfg(tmp_path, """
+prune: {schedule: {sparsities: [0.5, 0.7, 0.9]}}
+structured: {enabled: true, schedule: {rounds: 2}}
+distill: {after: teacher, inits: [every_other, pretrained, random]}
+privacy: {scope: line}
+""")
+    got = {k: [(s.name, s.kind) for s in v] for k, v in lines(cfg).items()}
+    assert got == {"unstructured": [("prune_1", "prune"), ("prune_2", "prune"), ("prune_3", "prune")],
+                   "structured": [("structured_1", "structured"), ("structured_2", "structured")],
+                   "distill_every_other": [("distill_every_other", "distill")],
+                   "distill_pretrained": [("distill_pretrained", "distill")],
+                   "distill_random": [("distill_random", "distill")]}
+    cfg = _cfg(tmp_path, "structured: {enabled: true, schedule: {rounds: 1}}\nprivacy: {scope: line}\n"
+                         "distill: {after: teacher}\n")  # three short lines: calibrating takes seconds each
+    sigmas = plan_sigmas(cfg, 4000)
+    delta = 1 / 4000
+    for line in lines(cfg).values():  # each line composes to the budget with the one teacher sigma
+        events = [cfg.teacher, *[s.train for s in line]]
+        names = ["teacher", *[s.name for s in line]]
+        composed = compose_epsilon([_event(t, sigmas[n]) for t, n in zip(events, names)], delta=delta)
+        assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
+        assert composed <= cfg.privacy.epsilon * (1 + 1e-9)
+
+
+def _event(train, sigma):
+    from privacy.accounting import DPEvent
+
+    return DPEvent(noise_multiplier=sigma, sample_rate=train.sample_rate(4000), num_steps=train.num_steps(4000))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="distill.inits"):
+        _cfg(tmp_path, "distill: {inits: [every_other, nope]}\n")
+    with pytest.raises(ConfigError, match="structured.schedule"):
+        _cfg(tmp_path, "structured: {enabled: true, schedule: {scorer: taylor}}\n")
+    with pytest.raises(ConfigError, match="privacy.scope"):
+        _cfg(tmp_path, "privacy: {scope: everything}\n")
