@@ -27,6 +27,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub-style Markdown table (numbers to 4 significant places; epsilon infinity as "inf")."""
     def cell(value) -> str:
         if isinstance(value, float):
+            if math.isnan(value):
+                return "-"
             if math.isinf(value):
                 return "inf"
             return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"

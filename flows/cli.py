@@ -66,6 +66,7 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     """Print a finished study's results table (Markdown) from the tracking server."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from tasks.tracking import fetch_results
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

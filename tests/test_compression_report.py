@@ -26,6 +26,8 @@ def test_markdown_and_files(tmp_path):
     lines = md.splitlines()
     assert lines[0].startswith("| stage | line | accuracy") and len(lines) == 2 + len(ROWS)
     assert "| inf |" in lines[2] and "| 0.75 |" in lines[4]
+    with_gap = to_markdown(results_frame([*ROWS, {"stage": "x", "metric": 0.5, "sparse_size_mb": 1.0}], metric="m"))
+    assert "| nan |" not in with_gap and "| - |" in with_gap
     files = write_results(ROWS, tmp_path, metric="accuracy", footer="epsilon per line")
     assert pd.read_csv(files["csv"])["accuracy"].tolist() == [0.9, 0.8, 0.75]
     assert files["markdown"].read_text().rstrip().endswith("epsilon per line")
