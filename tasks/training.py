@@ -125,6 +125,8 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                             scorer=schedule.scorer, previous=previous)
     get_run_logger().info("%s: pruning to %.1f%% of %s weights", stage, 100 * target, schedule.include)
     report = sparsity_report(masks)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparsity.json").write_text(json.dumps(report, indent=2))  # per tensor and "overall"
     loss_fn = None
     if teacher is not None and (rewind or distill_alpha > 0):
         reference, _ = load_saved(teacher.path)

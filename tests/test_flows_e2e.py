@@ -204,6 +204,11 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     stage_dirs = {p.name.rsplit("-", 1)[0]: p for p in (study_dir / "stages").iterdir()}
     ledger = Ledger.load(stage_dirs["structured_2"] / "ledger.json")
     assert ledger.stage_names() == ["teacher", "structured_1", "structured_2"]  # its own line only
+    for name, folder in stage_dirs.items():  # every private stage wrote its own ledger entry, last
+        if name not in ("prepare_data", "nonprivate_teacher") and (folder / "model").exists():
+            assert Ledger.load(folder / "ledger.json").stage_names()[-1] == name
+    sparsity = json.loads((stage_dirs["prune_2"] / "sparsity.json").read_text())
+    assert sparsity["overall"] == pytest.approx(0.7, abs=0.01) and len(sparsity) > 2  # per tensor, and overall
     with pytest.raises(ValueError, match="not a privacy ledger"):
         Ledger.load(stage_dirs["nonprivate_teacher"] / "ledger.json")
     footer = (study_dir / "results" / "footer.txt").read_text()
