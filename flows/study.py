@@ -54,8 +54,8 @@ def run_study(cfg: StudyConfig) -> list[dict]:
                 models.append(previous)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
-        register_final(model=models[-1], name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}",
-                       task_name=data.task, tracking_uri=uri)
+        register_final(model=final_model(cfg, models, evals), task_name=data.task, tracking_uri=uri,
+                       name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}")
         line_of = {s.name: name for name, stages in lines(cfg).items() for s in stages}
         rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},
                              metric=data.metric, scope=cfg.privacy.scope, tracking_uri=uri, parent_run_id=parent,
@@ -65,6 +65,16 @@ def run_study(cfg: StudyConfig) -> list[dict]:
         raise
     close_study(tracking_uri=uri, run_id=parent, rows=rows)
     return rows
+
+
+def final_model(cfg: StudyConfig, models: list, evals: list):
+    """The model to register: the last one (scope "study": the end of the chain); with several lines (scope
+    "line"), the compressed private model with the best dev metric (regression metrics too: higher is better)."""
+    if cfg.privacy.scope == "study" or len(models) < 3:
+        return models[-1]
+    compressed = [(e.results["metric"], i) for i, (m, e) in enumerate(zip(models, evals))
+                  if m.stage not in ("teacher", "nonprivate_teacher")]
+    return models[max(compressed)[1]] if compressed else models[-1]
 
 
 def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budget, common):

@@ -225,6 +225,10 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/results.csv", "results/results.md", "results/sparsity_vs_metric.png",
             "results/epsilon_vs_metric.png"} <= names
+    compressed = [r for r in rows if r["stage"] not in ("teacher", "nonprivate_teacher")]
+    best = max(compressed, key=lambda r: (r["accuracy"], rows.index(r)))
+    version = client.search_model_versions("name='paper-sst2'")[0]
+    assert version.tags["stage"] == best["stage"]  # several lines: the best compressed private model
     out = subprocess.run([sys.executable, "-m", "flows.cli", "report", parent.info.run_id, "--tracking-uri",
                           mlflow_server], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
