@@ -112,10 +112,11 @@ def cache_prefix(model: TextClassifier, data: dict, *, num_layers: int, chunk_si
 
 
 def configure_trainable(model: TextClassifier, trainable_layers: int) -> int:
-    """Freeze all but the top `trainable_layers` layers and the head; return the first trainable layer."""
-    if not 0 <= trainable_layers <= model.num_layers:
-        raise ValueError(f"trainable_layers must be in [0, {model.num_layers}], got {trainable_layers}")
-    start = model.num_layers - trainable_layers
+    """Freeze all but the top `trainable_layers` layers (all of them if the model has fewer, e.g. a shrunk model or
+    a shallow student) and the head; return the first trainable layer."""
+    if trainable_layers < 0:
+        raise ValueError(f"trainable_layers must be >= 0, got {trainable_layers}")
+    start = max(0, model.num_layers - trainable_layers)
     for p in model.parameters():
         p.requires_grad_(False)
     for module in [*model.layers[start:], model.head]:

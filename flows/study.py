@@ -44,8 +44,9 @@ def run_study(cfg: StudyConfig) -> list[dict]:
         teacher = train_teacher(stage="teacher", data=data, model=cfg.model, train=cfg.teacher,
                                 budget=plan["teacher"], **common)
         models.append(teacher)
+        model_lines = lines(cfg)
         last = teacher  # study scope: every stage extends the ledger of the stage before it, across lines
-        for line in lines(cfg).values():
+        for line in model_lines.values():
             previous = teacher
             for stage in line:
                 spent = last if cfg.privacy.scope == "study" else previous
@@ -56,7 +57,7 @@ def run_study(cfg: StudyConfig) -> list[dict]:
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
         register_final(model=final_model(cfg, models, evals), task_name=data.task, tracking_uri=uri,
                        name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}")
-        line_of = {s.name: name for name, stages in lines(cfg).items() for s in stages}
+        line_of = {s.name: name for name, stages in model_lines.items() for s in stages}
         rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},
                              metric=data.metric, scope=cfg.privacy.scope, tracking_uri=uri, parent_run_id=parent,
                              output_dir=out)

@@ -70,7 +70,7 @@ class LinearCapture:
             self.sq_norms[self.bias] = self.bias_grads.pow(2).sum(1)
 
     def _weight_sq_norms(self, x: torch.Tensor, grams: GramCache) -> torch.Tensor:
-        (batch, seq_len, d), p = self.a.shape, self.g.shape[-1]
+        (_, seq_len, d), p = self.a.shape, self.g.shape[-1]
         if use_ghost_norm(seq_len=seq_len, in_features=d, out_features=p):
             gram_g = torch.bmm(self.g, self.g.transpose(1, 2))
             return torch.linalg.vecdot(grams.gram(x, self.a).flatten(1), gram_g.flatten(1))

@@ -67,13 +67,13 @@ def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: 
              "latency_ms_b1": e.results.get("latency_ms_b1"), "latency_ms_b32": e.results.get("latency_ms_b32"),
              "epsilon": m.epsilon, "delta": m.delta} for m, e in zip(models, evaluations)]
     private = [m for m in models if math.isfinite(m.epsilon)]
-    union = union_epsilon([Ledger.load(m.ledger_path) for m in private], delta=private[-1].delta,
-                          accountant=Ledger.load(private[-1].ledger_path).entries[-1].accountant)
-    accountant = Ledger.load(private[-1].ledger_path).entries[-1].accountant
-    footer = privacy_footer(scope=scope, union=union, delta=private[-1].delta, accountant=accountant,
+    ledgers = [Ledger.load(m.ledger_path) for m in private]
+    accountant, delta = ledgers[-1].entries[-1].accountant, private[-1].delta
+    union = union_epsilon(ledgers, delta=delta, accountant=accountant)
+    footer = privacy_footer(scope=scope, union=union, delta=delta, accountant=accountant,
                             baseline=len(private) < len(models))
     directory = Path(output_dir) / "results"
-    files = write_results(rows, directory, metric=metric, footer=footer)
+    write_results(rows, directory, metric=metric, footer=footer)
     (directory / "footer.txt").write_text(footer)
     run = tracking.StageRun(tracking.client(tracking_uri), parent_run_id)
     run.artifact(directory, "results")

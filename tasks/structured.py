@@ -29,15 +29,8 @@ def structured_round(*, stage: str, round_index: int, upstream: ModelRef, data: 
                           report["parameters_before"], report["parameters_after"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "structure.json").write_text(json.dumps(report, indent=2, default=str))
-    train = _fit_trainable(train, net.num_layers)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=spent or upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      params={"schedule": vars(schedule), "layers_kept": report["num_layers"],
                              "parameters_after": report["parameters_after"]})
 
-
-def _fit_trainable(train: TrainConfig, num_layers: int) -> TrainConfig:
-    """A shrunk model may have fewer layers than `trainable_layers` asks for: train all of them then."""
-    import dataclasses
-
-    return train if train.trainable_layers <= num_layers else dataclasses.replace(train, trainable_layers=num_layers)

@@ -24,14 +24,6 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is ~50x faster than two on a loaded 2-core machine (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -197,16 +197,6 @@ def test_unknown_task_and_split_list_allowed_names(tmp_path):
 
 # --- encoding --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
-    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-
-
 def test_encode_pairs_have_segment_ids_and_truncate(tokenizer):
     split = Split((["the cat sat", "a dog"], ["on the mat", "the cat sat on a mat the dog"]), [1, 0])
     encoded = encode(split, tokenizer, max_length=8)

@@ -19,23 +19,6 @@ from compression.prune import magnitude_masks
 INCLUDE = "encoder.encoder.layer."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
-    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-
 
 def _batch(seed=0, vocab=1000):
     """Ids with padding in one row and a second segment, as a pair task would give."""

@@ -18,13 +18,6 @@ HIDDEN, HEADS, FFN, LAYERS = 32, 4, 64, 4
 HEAD_DIM = HIDDEN // HEADS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny(seed=0):
     return build_tiny(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, intermediate_size=FFN, dropout=0.0,
@@ -286,3 +279,12 @@ def test_bad_config_values_name_the_field(field, value):
 def test_round_index_outside_the_schedule_is_refused():
     with pytest.raises(ValueError, match="round_index"):
         structured_round(_tiny(), StructuredConfig(rounds=2), 3)
+
+
+def test_trainable_layers_beyond_a_shrunk_models_depth_train_all_of_them():
+    model = _tiny()
+    remove_layers(model, [0, 1])
+    assert configure_trainable(model, 6) == 0
+    assert all(p.requires_grad for p in model.layers.parameters())
+    with pytest.raises(ValueError, match="trainable_layers must be >= 0"):
+        configure_trainable(model, -1)

@@ -14,14 +14,6 @@ from privacy.engine import PrivateModel
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and immune to OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 MODES_CLIPPINGS = [("ghost", "flat"), ("hooks", "flat"), ("hooks", "per_layer"), ("bk", "flat"), ("bk", "per_layer")]
 
