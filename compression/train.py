@@ -24,6 +24,10 @@ from privacy.engine import PoissonSampler, PrivateModel
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+# "bias_norm" trains only the 1-D tensors (biases, LayerNorm) of the trainable layers, BitFit-style, besides the
+# whole head: ~30k instead of ~10M noised coordinates on MiniLM, so far less DP noise per step (it is what lets
+# pruned models recover under DP: bench/ and the paper study).
+TRAINABLE_PARAMS = ("all", "bias_norm")
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, index) -> [B]
 
 
@@ -40,6 +44,7 @@ class TrainConfig:
     momentum: float = 0.9            # sgd only
     max_grad_norm: float = 1.0       # per-example clipping bound C
     trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
+    trainable_params: Literal["all", "bias_norm"] = "all"  # of those layers: all, or biases + LayerNorm only
     seed: int = 0
     engine: Literal["ghost", "hooks", "bk"] = "bk"   # per-example clipping: privacy.engine (bk fastest, bench/)
     clipping: Literal["flat", "per_layer"] = "flat"
@@ -51,6 +56,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.trainable_params not in TRAINABLE_PARAMS:
+            raise ValueError(f"trainable_params must be one of {list(TRAINABLE_PARAMS)}, "
+                             f"got {self.trainable_params!r}")
 
     def sample_rate(self, num_examples: int) -> float:
         return min(1.0, self.batch_size / num_examples)
@@ -111,17 +119,22 @@ def cache_prefix(model: TextClassifier, data: dict, *, num_layers: int, chunk_si
     return out
 
 
-def configure_trainable(model: TextClassifier, trainable_layers: int) -> int:
+def configure_trainable(model: TextClassifier, trainable_layers: int, params: str = "all") -> int:
     """Freeze all but the top `trainable_layers` layers (all of them if the model has fewer, e.g. a shrunk model or
-    a shallow student) and the head; return the first trainable layer."""
+    a shallow student) and the head; return the first trainable layer. `params="bias_norm"`: of those layers only
+    the biases and LayerNorm parameters (every 1-D tensor) train; the head trains whole either way."""
     if trainable_layers < 0:
         raise ValueError(f"trainable_layers must be >= 0, got {trainable_layers}")
+    if params not in TRAINABLE_PARAMS:
+        raise ValueError(f"params must be one of {list(TRAINABLE_PARAMS)}, got {params!r}")
     start = max(0, model.num_layers - trainable_layers)
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in [*model.layers[start:], model.head]:
-        for p in module.parameters():
-            p.requires_grad_(True)
+    for layer in model.layers[start:]:
+        for p in layer.parameters():
+            p.requires_grad_(params == "all" or p.dim() == 1)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
     return start
 
 
@@ -232,7 +245,7 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
     q, steps = config.sample_rate(n), config.num_steps(n)
     loss_fn = loss_fn or task_loss(model.num_labels)
     apply_masks(model, masks)
-    start = configure_trainable(model, config.trainable_layers)
+    start = configure_trainable(model, config.trainable_layers, config.trainable_params)
     directory = checkpoint_dir if config.checkpoint_every else None
     settings = None if directory is None else _run_settings(
         model, data, masks, config=config, noise_multiplier=noise_multiplier, secure_mode=secure_mode)

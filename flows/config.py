@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compression.data import DataConfig
 from compression.distill import DistillConfig
@@ -31,6 +31,9 @@ class PruneSection(_Section):
     distill_alpha: float = Field(0.0, ge=0, le=1)   # KD weight in the fine-tuning loss (0: task loss only)
     temperature: float = Field(2.0, gt=0)
     rewind: bool = False    # reset surviving weights to the DP teacher's before fine-tuning (no privacy cost)
+    # chain: one line, each round prunes the previous round's model further; per_target: every sparsity of the
+    # schedule is a line of its own, the DP teacher pruned to it in one round and fine-tuned on the whole share
+    lines: Literal["chain", "per_target"] = "chain"
 
 
 class StructuredSection(_Section):
@@ -84,6 +87,14 @@ class StudyConfig(_Section):
     structured: StructuredSection = StructuredSection()
     distill: DistillSection = DistillSection()
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _students_follow_one_line(self) -> "StudyConfig":
+        if self.prune.enabled and self.prune.lines == "per_target" and self.distill.enabled \
+                and self.distill.after == "prune":
+            raise ValueError("distill.after: prune needs prune.lines: chain (with per_target there is no single "
+                             "pruning line to follow); set distill.after: teacher")
+        return self
 
     @property
     def study_dir(self) -> Path:

@@ -21,13 +21,19 @@ class Stage:
 
 
 def lines(cfg: StudyConfig) -> dict[str, list[Stage]]:
-    """Line name -> its stages in run order. Distillation joins the pruning line (`distill.after: prune`, the
-    default: the student composes after the pruning rounds) or gives each student a line of its own."""
+    """Line name -> its stages in run order. Pruning is one line of rounds (`prune.lines: chain`) or a line per
+    target sparsity (`per_target`). Distillation joins the pruning chain (`distill.after: prune`, the default:
+    the student composes after the pruning rounds) or gives each student a line of its own."""
     b, out = cfg.privacy, {}
     if cfg.prune.enabled:
-        rounds = cfg.prune.schedule.num_rounds
-        out["unstructured"] = [Stage(f"prune_{r}", "prune", cfg.prune.train, b.prune_share / rounds, round_index=r)
-                               for r in range(1, rounds + 1)]
+        schedule, rounds = cfg.prune.schedule, cfg.prune.schedule.num_rounds
+        if cfg.prune.lines == "per_target":  # the teacher pruned to each target in one round, a line each
+            out |= {f"unstructured_{100 * schedule.sparsity_after(r):g}":
+                    [Stage(f"prune_{r}", "prune", cfg.prune.train, b.prune_share, round_index=r)]
+                    for r in range(1, rounds + 1)}
+        else:
+            out["unstructured"] = [Stage(f"prune_{r}", "prune", cfg.prune.train, b.prune_share / rounds,
+                                         round_index=r) for r in range(1, rounds + 1)]
     if cfg.structured.enabled:
         rounds = cfg.structured.schedule.rounds
         out["structured"] = [Stage(f"structured_{r}", "structured", cfg.structured.train,

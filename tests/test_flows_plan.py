@@ -43,6 +43,25 @@ privacy: {scope: line}
         assert composed <= cfg.privacy.epsilon * (1 + 1e-9)
 
 
+def test_per_target_lines_prune_the_teacher_once_each_with_the_whole_share(tmp_path):
+    cfg = _cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5, 0.7]}}\n"
+                         "distill: {enabled: false}\nprivacy: {scope: line}\n")
+    got = {k: [(s.name, s.round_index, s.share) for s in v] for k, v in lines(cfg).items()}
+    share = cfg.privacy.prune_share  # each line holds the whole pruning share, not a round's part of it
+    assert got == {"unstructured_50": [("prune_1", 1, share)], "unstructured_70": [("prune_2", 2, share)]}
+    sigmas = plan_sigmas(cfg, 4000)
+    assert sigmas["prune_1"] == pytest.approx(sigmas["prune_2"])  # same training, same remaining budget
+    chained = plan_sigmas(_cfg(tmp_path, "prune: {schedule: {sparsities: [0.5, 0.7]}}\n"
+                                         "distill: {enabled: false}\nprivacy: {scope: line}\n"), 4000)
+    assert sigmas["prune_1"] < chained["prune_1"]  # a whole share is less noise than half of one
+    for line in lines(cfg).values():
+        composed = compose_epsilon([_event(cfg.teacher, sigmas["teacher"]), _event(line[0].train, sigmas[line[0].name])],
+                                   delta=1 / 4000)
+        assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
+    with pytest.raises(ConfigError, match="distill.after: prune needs prune.lines: chain"):
+        _cfg(tmp_path, "prune: {lines: per_target}\n")
+
+
 def _event(train, sigma):
     from privacy.accounting import DPEvent
 
@@ -54,5 +73,9 @@ def test_config_errors_name_the_key(tmp_path):
         _cfg(tmp_path, "distill: {inits: [every_other, nope]}\n")
     with pytest.raises(ConfigError, match="structured.schedule"):
         _cfg(tmp_path, "structured: {enabled: true, schedule: {scorer: taylor}}\n")
+    with pytest.raises(ConfigError, match="prune.lines"):
+        _cfg(tmp_path, "prune: {lines: each}\n")
+    with pytest.raises(ConfigError, match="prune.train.trainable_params"):
+        _cfg(tmp_path, "prune: {train: {trainable_params: weights}}\n")
     with pytest.raises(ConfigError, match="privacy.scope"):
         _cfg(tmp_path, "privacy: {scope: everything}\n")

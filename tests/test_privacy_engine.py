@@ -134,3 +134,26 @@ def test_masked_weights_stay_exactly_zero_through_noisy_steps():
     weight = dict(model.named_parameters())[name].detach()
     assert torch.all(weight[mask == 0] == 0)
     assert not torch.equal(weight[mask == 1], original[mask == 1])  # the unmasked part did train
+
+
+def test_bias_norm_trains_only_biases_layernorm_and_the_head():
+    model = build_tiny(seed=6)
+    ids, labels = _batch(n=40, seed=6)
+    data = {"input_ids": [x.tolist() for x in ids], "token_type_ids": [[0] * len(x) for x in ids], "labels": labels}
+    assert configure_trainable(model, 1, "bias_norm") == 1
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters()
+                         if n.startswith("head.") or (n.startswith("encoder.encoder.layer.1.") and p.dim() == 1)}
+    assert any("LayerNorm" in n for n in trainable) and any(n.endswith("dense.bias") for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dp_train(model, data, config=TrainConfig(epochs=2, batch_size=10, physical_batch_size=4, trainable_layers=2,
+                                             trainable_params="bias_norm", encoder_learning_rate=0.5),
+             noise_multiplier=1.0)
+    for name, p in model.named_parameters():
+        moved = not torch.equal(before[name], p.detach())
+        in_top_two = name.startswith(("encoder.encoder.layer.0.", "encoder.encoder.layer.1."))
+        assert moved == (name.startswith("head.") or (in_top_two and p.dim() == 1)), name
+    with pytest.raises(ValueError, match="trainable_params"):
+        TrainConfig(trainable_params="weights")
+    with pytest.raises(ValueError, match="params must be one of"):
+        configure_trainable(model, 1, "lora")
