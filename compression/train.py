@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 # "bias_norm" trains only the 1-D tensors (biases, LayerNorm) of the trainable layers, BitFit-style, besides the
 # whole head: ~30k instead of ~10M noised coordinates on MiniLM, so far less DP noise per step (SST-2, 8k examples,
 # epsilon 3.97: a MiniLM teacher reaches 81.4% this way over all six layers, 78.3% training its top layer whole).
-TRAINABLE_PARAMS = ("all", "bias_norm")
+TrainableParams = Literal["all", "bias_norm"]
+TRAINABLE_PARAMS = get_args(TrainableParams)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, index) -> [B]
 
 
@@ -44,7 +45,7 @@ class TrainConfig:
     momentum: float = 0.9            # sgd only
     max_grad_norm: float = 1.0       # per-example clipping bound C
     trainable_layers: int = 1        # top encoder layers that train besides the head (0: head only)
-    trainable_params: Literal["all", "bias_norm"] = "all"  # of those layers: all, or biases + LayerNorm only
+    trainable_params: TrainableParams = "all"  # of those layers: all, or biases + LayerNorm only
     seed: int = 0
     engine: Literal["ghost", "hooks", "bk"] = "bk"   # per-example clipping: privacy.engine (bk fastest, bench/)
     clipping: Literal["flat", "per_layer"] = "flat"
