@@ -12,35 +12,60 @@ from typing import Literal
 import torch
 from torch import nn
 
-Scorer = Callable[[torch.Tensor], torch.Tensor]
-SCORERS: dict[str, Scorer] = {"magnitude": lambda w: w.detach().abs()}
+# (weight [out, in], its input feature norms [in] or None) -> scores; higher survives
+Scorer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _activation(weight: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+    if input_norms is None:
+        raise ValueError("scorer 'activation' needs input_norms (see compression.activations.dp_input_norms)")
+    return weight.detach().abs() * input_norms.to(weight.dtype)[None, :]
+
+
+SCORERS: dict[str, Scorer] = {"magnitude": lambda w, _: w.detach().abs(), "activation": _activation}
+NEEDS_INPUT_NORMS = frozenset({"activation"})   # scorers that read private data (a DP release before each round)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig:
     """Iterative magnitude pruning: `rounds` rounds, each bringing sparsity up to the schedule's next value, or an
-    explicit list `sparsities` (one round each, increasing, e.g. [0.5, 0.7, 0.9])."""
+    explicit list `sparsities` (one round each, increasing, e.g. [0.5, 0.7, 0.9]).
+
+    scorer "magnitude": |W|; "activation" (Wanda): |W_ij| * ||x_j||, input norms released with DP before each round
+    at noise multiplier `stats_noise` (one Gaussian sum over the training set, sample rate 1). Its norms are
+    comparable within a tensor only, so it needs scope "layer" (one threshold per tensor) or "row" (per output row).
+    """
 
     target_sparsity: float = 0.5     # fraction of the selected weights that are zero after the last round
     rounds: int = 2
     sparsities: tuple[float, ...] | None = None   # explicit per-round sparsities; overrides the two above
-    scope: Literal["global", "layer"] = "global"   # one threshold over all tensors, or one per tensor
+    scope: Literal["global", "layer", "row"] = "global"   # one threshold over all tensors, per tensor, per row
     scorer: str = "magnitude"
     include: str = "encoder.encoder.layer."   # name prefix of prunable tensors (2-D weights only)
+    stats_noise: float = 10.0   # noise multiplier of the input-norm release (scorer "activation" only)
 
     def __post_init__(self):
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {self.scope!r}")
+        if self.scope not in ("global", "layer", "row"):
+            raise ValueError(f"scope must be 'global', 'layer' or 'row', got {self.scope!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
+        if self.needs_input_norms and self.scope == "global":
+            raise ValueError(f"scorer {self.scorer!r} needs scope 'layer' or 'row': its input norms are released "
+                             "normalised per tensor, so scores are not comparable across tensors")
+        if not self.stats_noise > 0:
+            raise ValueError(f"stats_noise must be a noise multiplier > 0, got {self.stats_noise!r}")
         if self.sparsities is not None:
             values = list(self.sparsities)
             if not values or any(not 0 < v < 1 for v in values) or values != sorted(set(values)):
                 raise ValueError(f"sparsities must be increasing values in (0, 1), got {values}")
+
+    @property
+    def needs_input_norms(self) -> bool:
+        return self.scorer in NEEDS_INPUT_NORMS
 
     @property
     def num_rounds(self) -> int:
@@ -55,24 +80,31 @@ class PruneConfig:
         return 1 - keep
 
 
+def stats_stage(name: str) -> str:
+    """The ledger stage of the DP input-norm release before pruning stage `name` (scorers in NEEDS_INPUT_NORMS)."""
+    return f"{name}_stats"
+
+
 def prunable(model: nn.Module, include: str) -> dict[str, nn.Parameter]:
     """2-D weight tensors whose names start with `include` (default: the encoder layers' linear weights)."""
     return {n: p for n, p in model.named_parameters() if n.startswith(include) and p.dim() == 2}
 
 
 def magnitude_masks(model: nn.Module, *, sparsity: float, include: str, scope: str = "global",
-                    scorer: str = "magnitude", previous: dict[str, torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Masks that zero the lowest-scoring `sparsity` fraction of the selected weights.
+                    scorer: str = "magnitude", previous: dict[str, torch.Tensor] | None = None,
+                    input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Masks that zero the lowest-scoring `sparsity` fraction of the selected weights: over all of them (scope
+    "global"), within each tensor ("layer") or within each output row of each tensor ("row").
 
     Weights already pruned (`previous`) score -inf, so they stay pruned and count toward the target.
+    input_norms: {weight name: [in] feature norms}, for scorer "activation".
     """
     params = prunable(model, include)
     if not params:
         raise ValueError(f"no 2-D parameters start with {include!r}")
     scores = {}
     for name, p in params.items():
-        s = SCORERS[scorer](p).float()
+        s = SCORERS[scorer](p, None if input_norms is None else input_norms[name]).float()
         if previous and name in previous:
             s = s.masked_fill(previous[name] == 0, float("-inf"))
         scores[name] = s
@@ -81,12 +113,24 @@ def magnitude_masks(model: nn.Module, *, sparsity: float, include: str, scope: s
         k = int(round(sparsity * flat.numel()))
         threshold = _kth(flat, k)
         return {n: (s > threshold).float() for n, s in scores.items()}
+    if scope == "row":
+        return {n: _row_masks(s, sparsity) for n, s in scores.items()}
     return {n: (s > _kth(s.flatten(), int(round(sparsity * s.numel())))).float() for n, s in scores.items()}
 
 
 def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (k >= 1); below every value when k == 0, so nothing is pruned."""
     return torch.kthvalue(values, k).values if k else torch.tensor(float("-inf"))
+
+
+def _row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per output row, keep all but the lowest `round(sparsity * in)` scores (ties broken by position)."""
+    k = int(round(sparsity * scores.shape[1]))
+    mask = torch.ones_like(scores)
+    if k:
+        lowest = scores.argsort(dim=1, stable=True)[:, :k]
+        mask.scatter_(1, lowest, 0.0)
+    return mask
 
 
 def sparsity_report(masks: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -103,13 +103,13 @@ def plan_values(cfg, num_train: int) -> dict:
 
     Each stage's epsilon is cumulative in run order (scope "study") or along its own line, teacher first
     (scope "line"); `epsilon` is the study's total (scope "study") or the largest line's."""
-    from flows.plan import lines, plan_sigmas, private_stages
+    from flows.plan import line_plans, plan_sigmas, private_stages
 
     budget = cfg.privacy
     target_delta = budget.resolve_delta(num_train)
     sigmas = plan_sigmas(cfg, num_train)
     plans = {p.stage: p for p in private_stages(cfg, num_train)}
-    line_of = {s.name: name for name, stages in lines(cfg).items() for s in stages}
+    line_of = {p.stage: name for name, stages in line_plans(cfg, num_train).items() for p in stages}
     rows, history = [], {}
     for name, plan in plans.items():
         line = line_of.get(name, "teacher")

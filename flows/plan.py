@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flows.config import StudyConfig
+from compression.prune import stats_stage
 from privacy.ledger import StagePlan, plan_lines
 
 
@@ -49,16 +50,36 @@ def lines(cfg: StudyConfig) -> dict[str, list[Stage]]:
     return out
 
 
+STATS_SHARE = 0.05  # of a pruning round's share: its input-norm release (fixed sigma; the share only orders calibration)
+
+
 def _plan(stage_name: str, train, share: float, num_train: int, fixed: dict) -> StagePlan:
     return StagePlan(stage=stage_name, sample_rate=train.sample_rate(num_train), num_steps=train.num_steps(num_train),
                      budget_share=share, noise_multiplier=fixed.get(stage_name))
 
 
+def _stage_plans(cfg: StudyConfig, stage: Stage, num_train: int, fixed: dict) -> list[StagePlan]:
+    """A stage's ledger events in run order: a pruning round with activation scores releases its input norms
+    (one Gaussian sum over all examples: q = 1, one step, sigma `stats_noise`) before it fine-tunes."""
+    if stage.kind != "prune" or not cfg.prune.schedule.needs_input_norms:
+        return [_plan(stage.name, stage.train, stage.share, num_train, fixed)]
+    name = stats_stage(stage.name)
+    stats = StagePlan(stage=name, sample_rate=1.0, num_steps=1, budget_share=stage.share * STATS_SHARE,
+                      noise_multiplier=fixed.get(name, cfg.prune.schedule.stats_noise))
+    return [stats, _plan(stage.name, stage.train, stage.share * (1 - STATS_SHARE), num_train, fixed)]
+
+
+def line_plans(cfg: StudyConfig, num_train: int) -> dict[str, list[StagePlan]]:
+    """Line name -> the ledger events of its stages, in run order (the teacher excluded)."""
+    fixed = cfg.privacy.fixed_noise
+    return {name: [p for s in line for p in _stage_plans(cfg, s, num_train, fixed)] for name, line in lines(cfg).items()}
+
+
 def private_stages(cfg: StudyConfig, num_train: int) -> list[StagePlan]:
-    """Every stage that trains on the private data, in run order (teacher, then line by line)."""
+    """Every ledger event on the private data, in run order (teacher, then line by line)."""
     fixed = cfg.privacy.fixed_noise
     stages = [_plan("teacher", cfg.teacher, cfg.privacy.teacher_share, num_train, fixed)]
-    stages += [_plan(s.name, s.train, s.share, num_train, fixed) for line in lines(cfg).values() for s in line]
+    stages += [p for line in line_plans(cfg, num_train).values() for p in line]
     unknown = sorted(set(fixed) - {s.stage for s in stages})
     if unknown:
         raise ValueError(f"privacy.fixed_noise names stages that do not run: {unknown}; "
@@ -69,7 +90,7 @@ def private_stages(cfg: StudyConfig, num_train: int) -> list[StagePlan]:
 def plan_inputs(cfg: StudyConfig, num_train: int) -> tuple[StagePlan, list[list[StagePlan]]]:
     """The teacher's plan and each line's stage plans: what `privacy.ledger.plan_lines` calibrates."""
     stages = {s.stage: s for s in private_stages(cfg, num_train)}
-    return stages["teacher"], [[stages[s.name] for s in line] for line in lines(cfg).values()]
+    return stages["teacher"], [[stages[p.stage] for p in line] for line in line_plans(cfg, num_train).values()]
 
 
 def plan_sigmas(cfg: StudyConfig, num_train: int) -> dict[str, float]:

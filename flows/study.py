@@ -9,6 +9,7 @@ import json
 from prefect import flow
 
 from flows.config import StudyConfig, load_config
+from compression.prune import stats_stage
 from flows.plan import Stage, lines, plan_inputs
 from tasks.budget import plan_privacy
 from tasks.data import prepare_data
@@ -51,7 +52,7 @@ def run_study(cfg: StudyConfig) -> list[dict]:
             for stage in line:
                 spent = last if cfg.privacy.scope == "study" else previous
                 previous = last = run_stage(cfg, stage, source=previous, teacher=teacher, spent=spent, data=data,
-                                            budget=plan[stage.name], common=common)
+                                            budgets=plan, common=common)
                 models.append(previous)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
@@ -78,13 +79,15 @@ def final_model(cfg: StudyConfig, models: list, evals: list):
     return models[max(compressed)[1]] if compressed else models[-1]
 
 
-def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budget, common):
+def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budgets, common):
     """One private stage of a line: a pruning round, a structured round, or a distilled student."""
+    budget = budgets[stage.name]
     if stage.kind == "prune":
         p = cfg.prune
         return prune_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
                            teacher=teacher, data=data, schedule=p.schedule, train=p.train, budget=budget,
-                           distill_alpha=p.distill_alpha, temperature=p.temperature, rewind=p.rewind, **common)
+                           distill_alpha=p.distill_alpha, temperature=p.temperature, rewind=p.rewind,
+                           stats_budget=budgets.get(stats_stage(stage.name)), **common)
     if stage.kind == "structured":
         return structured_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
                                 data=data, schedule=cfg.structured.schedule, train=cfg.structured.train,

@@ -19,6 +19,9 @@ from .accounting import ACCOUNTANTS, BudgetError, DPEvent, calibrate_noise, comp
 FORMAT = "dpcompress.ledger/1"
 SAMPLINGS = ("poisson",)  # what the accountants assume
 UNITS = ("example",)      # unit of privacy the accountants assume
+# dp_sgd: noisy clipped-gradient steps; gaussian_sum: one noisy sum of per-example statistics normalised to norm
+# max_grad_norm over the whole data set (privacy.stats), i.e. one step at sample rate 1. Both are `DPEvent`s.
+MECHANISMS = ("dp_sgd", "gaussian_sum")
 
 
 class BudgetExceededError(BudgetError):
@@ -27,10 +30,11 @@ class BudgetExceededError(BudgetError):
 
 @dataclass(frozen=True, kw_only=True)
 class LedgerEntry:
-    """One finished DP training stage.
+    """One finished DP stage on the private data.
 
-    noise_multiplier, sample_rate, num_steps: the stage's DP-SGD run (see `DPEvent`).
-    max_grad_norm: per-example clipping norm (L2), recorded for audit; it does not enter epsilon.
+    noise_multiplier, sample_rate, num_steps: the stage's DP-SGD run, or its Gaussian-sum release (see `DPEvent`).
+    max_grad_norm: per-example clipping (or normalisation) norm (L2), recorded for audit; it does not enter epsilon.
+    mechanism: one of MECHANISMS.
     epsilon_after: epsilon of the whole ledger composed up to and including this entry, at `delta`
         with `accountant`.
     dataset_fingerprint: sha256 of the private data used ("" if unknown).
@@ -47,6 +51,7 @@ class LedgerEntry:
     sampling: str = "poisson"
     unit: str = "example"
     dataset_fingerprint: str = ""
+    mechanism: str = "dp_sgd"
 
     def __post_init__(self) -> None:
         if not isinstance(self.stage, str) or not self.stage:
@@ -65,6 +70,11 @@ class LedgerEntry:
                              f"got {self.sampling!r}")
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        if self.mechanism == "gaussian_sum" and (self.sample_rate != 1 or self.num_steps != 1):
+            raise ValueError(f"a gaussian_sum release is one step at sample rate 1, got q={self.sample_rate}, "
+                             f"steps={self.num_steps}")
 
     @property
     def event(self) -> DPEvent:
@@ -122,13 +132,13 @@ class Ledger:
         return Ledger((*self.entries, entry))
 
     def record(self, *, stage: str, event: DPEvent, max_grad_norm: float, delta: float,
-               accountant: str = "prv", dataset_fingerprint: str = "") -> Ledger:
+               accountant: str = "prv", dataset_fingerprint: str = "", mechanism: str = "dp_sgd") -> Ledger:
         """`append` an entry for `event`, with epsilon_after computed from this ledger plus `event`."""
         epsilon_after = compose_epsilon([*self.events(), event], delta=delta, accountant=accountant)
         return self.append(LedgerEntry(
             stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
             num_steps=event.num_steps, max_grad_norm=max_grad_norm, epsilon_after=epsilon_after,
-            delta=delta, accountant=accountant, dataset_fingerprint=dataset_fingerprint,
+            delta=delta, accountant=accountant, dataset_fingerprint=dataset_fingerprint, mechanism=mechanism,
         ))
 
     def to_json(self) -> str:

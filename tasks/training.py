@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from prefect import get_run_logger, task
 
+from compression.activations import dp_input_norms
 from compression.data import load_encoded
 from compression.distill import DistillConfig, kd_loss, make_student
 from compression.evaluate import predict
 from compression.models import ModelConfig, load_classifier, load_saved, save_classifier
-from compression.prune import PruneConfig, load_masks, magnitude_masks, save_masks, sparsity_report
+from compression.prune import (PruneConfig, load_masks, magnitude_masks, save_masks, sparsity_report,
+                               stats_stage)
 from compression.train import TrainConfig, dp_train
 from privacy.accounting import DPEvent, compose_epsilon
 from privacy.config import StageBudget
@@ -62,12 +64,17 @@ def _console_progress(stage: str):
     return on_step
 
 
+def _sgd_event(train: TrainConfig, data: DataRef, budget: StageBudget) -> DPEvent:
+    return DPEvent(noise_multiplier=budget.noise_multiplier, sample_rate=train.sample_rate(data.num_train),
+                   num_steps=train.num_steps(data.num_train))
+
+
 def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig, budget: StageBudget,
-              spent: ModelRef | None, out: Path, tracking_uri: str, parent_run_id: str,
+              spent: ModelRef | Ledger | None, out: Path, tracking_uri: str, parent_run_id: str,
               masks=None, loss_fn=None, params: dict | None = None) -> ModelRef:
-    ledger = Ledger.load(spent.ledger_path) if spent else Ledger()
-    event = DPEvent(noise_multiplier=budget.noise_multiplier, sample_rate=train.sample_rate(data.num_train),
-                    num_steps=train.num_steps(data.num_train))
+    """DP-train `model`, extending the ledger `spent` (a ledger, or the one saved with a model ref)."""
+    ledger = spent if isinstance(spent, Ledger) else Ledger.load(spent.ledger_path) if spent else Ledger()
+    event = _sgd_event(train, data, budget)
     epsilon = ledger.check_fits(stage=stage, event=event, target_epsilon=budget.target_epsilon,
                                 delta=budget.delta, accountant=budget.accountant)  # refuses before any data
     with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
@@ -112,20 +119,26 @@ def train_teacher(*, stage: str, data: DataRef, model: ModelConfig, train: Train
 def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: PruneConfig,
                 train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
                 spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
-                temperature: float = 2.0, rewind: bool = False) -> ModelRef:
+                temperature: float = 2.0, rewind: bool = False, stats_budget: StageBudget | None = None) -> ModelRef:
     """Prune `upstream` to this round's sparsity, then DP fine-tune (KD from `teacher` when distill_alpha > 0;
-    surviving weights reset to the teacher's first when `rewind`). `spent`: the ledger to extend (default upstream)."""
+    surviving weights reset to the teacher's first when `rewind`). `spent`: the ledger to extend (default upstream).
+    Scorer "activation" first releases input norms with DP at `stats_budget` (ledger stage `{stage}_stats`)."""
     out = stage_dir(output_dir, stage, {"upstream": upstream, "spent": spent, "teacher": teacher,
                                         "schedule": schedule, "train": train, "budget": budget, "round": round_index,
-                                        "kd": [distill_alpha, temperature, rewind]})
+                                        "kd": [distill_alpha, temperature, rewind], "stats": stats_budget})
     net, tokenizer = load_saved(upstream.path)
     previous = load_masks(upstream.masks_path) if upstream.masks_path else None
     target = schedule.sparsity_after(round_index)
-    masks = magnitude_masks(net, sparsity=target, include=schedule.include, scope=schedule.scope,
-                            scorer=schedule.scorer, previous=previous)
-    get_run_logger().info("%s: pruning to %.1f%% of %s weights", stage, 100 * target, schedule.include)
-    report = sparsity_report(masks)
+    ledger, input_norms = Ledger.load((spent or upstream).ledger_path), None
     out.mkdir(parents=True, exist_ok=True)
+    if schedule.needs_input_norms:
+        ledger, input_norms = _release_input_norms(stage, net, data, schedule, stats_budget, ledger, out,
+                                                   then=(_sgd_event(train, data, budget), budget), seed=train.seed)
+    masks = magnitude_masks(net, sparsity=target, include=schedule.include, scope=schedule.scope,
+                            scorer=schedule.scorer, previous=previous, input_norms=input_norms)
+    get_run_logger().info("%s: pruning to %.1f%% of %s weights (%s, %s)", stage, 100 * target, schedule.include,
+                          schedule.scorer, schedule.scope)
+    report = sparsity_report(masks)
     (out / "sparsity.json").write_text(json.dumps(report, indent=2))  # per tensor and "overall"
     loss_fn = None
     if teacher is not None and (rewind or distill_alpha > 0):
@@ -135,10 +148,38 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
         if distill_alpha > 0:
             loss_fn = _kd_loss(reference, data, alpha=distill_alpha, temperature=temperature)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
-                     spent=spent or upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     spent=ledger, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      masks=masks, loss_fn=loss_fn,
                      params={"target_sparsity": target, "schedule": vars(schedule), "mask_sparsity": report["overall"],
                              "distill_alpha": distill_alpha, "rewind": rewind})
+
+
+def _release_input_norms(stage, net, data: DataRef, schedule: PruneConfig, budget: StageBudget | None,
+                         ledger: Ledger, out: Path, *, then: tuple[DPEvent, StageBudget], seed: int):
+    """The ledger with stage `{stage}_stats` recorded, and the DP input norms (one Gaussian sum, q = 1). Refuses
+    before touching data unless both the release and the fine-tuning after it (`then`) fit the budget. A rerun
+    of a failed stage reuses the saved release (the same release, accounted once) rather than drawing another."""
+    name = stats_stage(stage)
+    if budget is None:
+        raise ValueError(f"{stage}: scorer {schedule.scorer!r} needs a stats_budget for ledger stage {name!r}")
+    event = DPEvent(noise_multiplier=budget.noise_multiplier, sample_rate=1.0, num_steps=1)
+    ledger.check_fits(stage=name, event=event, target_epsilon=budget.target_epsilon, delta=budget.delta,
+                      accountant=budget.accountant)
+    ledger = ledger.record(stage=name, event=event, max_grad_norm=1.0, delta=budget.delta,
+                           accountant=budget.accountant, dataset_fingerprint=data.fingerprint, mechanism="gaussian_sum")
+    ledger.check_fits(stage=stage, event=then[0], target_epsilon=then[1].target_epsilon, delta=then[1].delta,
+                      accountant=then[1].accountant)
+    saved = out / "input_norms.pt"
+    if saved.exists():
+        return ledger, torch.load(saved, weights_only=True)
+    generator = None if budget.secure_mode else torch.Generator().manual_seed(seed)
+    norms = dp_input_norms(net, load_encoded(Path(data.path) / "train.pt"), include=schedule.include,
+                           noise_multiplier=budget.noise_multiplier, secure_mode=budget.secure_mode,
+                           generator=generator)
+    torch.save(norms, saved)  # a DP release: safe to keep, and never redrawn
+    get_run_logger().info("%s: input norms released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,
+                          ledger.entries[-1].epsilon_after)
+    return ledger, norms
 
 
 def _kd_loss(teacher, data: DataRef, *, alpha: float, temperature: float):

@@ -64,3 +64,49 @@ def test_explicit_sparsities_give_one_round_each_and_hit_each_target():
     for bad in ((0.7, 0.5), (0.5, 1.0), ()):
         with pytest.raises(ValueError, match="sparsities must be increasing"):
             PruneConfig(sparsities=bad)
+
+
+def test_row_scope_prunes_every_output_row_to_target_and_keeps_earlier_pruning():
+    model = build_tiny(seed=4)
+    first = magnitude_masks(model, sparsity=0.25, include=INCLUDE, scope="row")
+    second = magnitude_masks(model, sparsity=0.5, include=INCLUDE, scope="row", previous=first)
+    params = prunable(model, INCLUDE)
+    for name, mask in second.items():
+        per_row = 1 - mask.mean(dim=1)
+        torch.testing.assert_close(per_row, torch.full_like(per_row, round(0.5 * mask.shape[1]) / mask.shape[1]))
+        assert torch.all(mask[first[name] == 0] == 0)
+        w = params[name].detach().abs()
+        new = (first[name] == 1) & (mask == 0)  # pruned this round: each below every weight its row keeps
+        for r in range(w.shape[0]):
+            if new[r].any():
+                assert float(w[r][new[r]].max()) <= float(w[r][mask[r] == 1].min())
+
+
+def test_activation_scores_weight_times_input_norm():
+    """Wanda's score |W_ij| * ||x_j||: a column whose input norm is zero goes first, whatever its weights, and
+    with equal norms it reduces to magnitude (within each tensor)."""
+    model = build_tiny(seed=5)
+    params = prunable(model, INCLUDE)
+    ones = {n: torch.ones(p.shape[1]) for n, p in params.items()}
+    assert all(torch.equal(a, b) for a, b in zip(
+        magnitude_masks(model, sparsity=0.4, include=INCLUDE, scope="layer", scorer="activation",
+                        input_norms=ones).values(),
+        magnitude_masks(model, sparsity=0.4, include=INCLUDE, scope="layer").values()))
+    dead = {n: v.clone().index_fill_(0, torch.tensor([0, 3]), 0.0) for n, v in ones.items()}
+    masks = magnitude_masks(model, sparsity=0.4, include=INCLUDE, scope="row", scorer="activation",
+                            input_norms=dead)
+    for name, mask in masks.items():
+        assert not mask[:, [0, 3]].any(), name
+    with pytest.raises(ValueError, match="needs input_norms"):
+        magnitude_masks(model, sparsity=0.4, include=INCLUDE, scope="row", scorer="activation")
+
+
+def test_activation_scorer_needs_a_per_tensor_scope_and_positive_noise():
+    assert PruneConfig(scorer="activation", scope="row").needs_input_norms
+    assert not PruneConfig().needs_input_norms
+    with pytest.raises(ValueError, match="needs scope 'layer' or 'row'"):
+        PruneConfig(scorer="activation")
+    with pytest.raises(ValueError, match="stats_noise"):
+        PruneConfig(scorer="activation", scope="layer", stats_noise=0.0)
+    with pytest.raises(ValueError, match="scope must be"):
+        PruneConfig(scope="column")

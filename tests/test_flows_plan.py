@@ -3,7 +3,7 @@ import pytest
 
 from flows.config import ConfigError, load_config
 from flows.plan import lines, plan_sigmas
-from privacy.accounting import compose_epsilon
+from privacy.accounting import DPEvent, compose_epsilon
 
 
 def _cfg(tmp_path, text: str, overrides=()):
@@ -60,6 +60,39 @@ def test_per_target_lines_prune_the_teacher_once_each_with_the_whole_share(tmp_p
         assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
     with pytest.raises(ConfigError, match="distill.after: prune needs prune.lines: chain"):
         _cfg(tmp_path, "prune: {lines: per_target}\n")
+
+
+def test_activation_scorer_adds_a_fixed_sigma_release_before_each_pruning_round(tmp_path):
+    """scorer activation: each pruning round is preceded by `{round}_stats`, one Gaussian sum over all examples
+    (q = 1, one step) at sigma stats_noise; the round's fine-tuning is calibrated around it and the line still
+    composes to the budget."""
+    from flows.plan import line_plans, private_stages
+
+    cfg = _cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5, 0.7], scorer: activation, "
+                         "scope: row, stats_noise: 8.0}}\ndistill: {enabled: false}\nprivacy: {scope: line}\n")
+    got = {k: [(p.stage, p.sample_rate, p.num_steps, p.noise_multiplier) for p in v]
+           for k, v in line_plans(cfg, 4000).items()}
+    q, steps = cfg.prune.train.sample_rate(4000), cfg.prune.train.num_steps(4000)
+    assert got == {"unstructured_50": [("prune_1_stats", 1.0, 1, 8.0), ("prune_1", q, steps, None)],
+                   "unstructured_70": [("prune_2_stats", 1.0, 1, 8.0), ("prune_2", q, steps, None)]}
+    assert [p.stage for p in private_stages(cfg, 4000)] == ["teacher", "prune_1_stats", "prune_1", "prune_2_stats",
+                                                            "prune_2"]
+    sigmas = plan_sigmas(cfg, 4000)
+    assert sigmas["prune_1_stats"] == 8.0
+    plain = plan_sigmas(_cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5, 0.7]}}\n"
+                                       "distill: {enabled: false}\nprivacy: {scope: line}\n"), 4000)
+    assert sigmas["prune_1"] > plain["prune_1"]  # the release's cost comes out of the fine-tuning's noise
+    release = DPEvent(noise_multiplier=8.0, sample_rate=1.0, num_steps=1)
+    composed = compose_epsilon([_event(cfg.teacher, sigmas["teacher"]), release,
+                                _event(cfg.prune.train, sigmas["prune_1"])], delta=1 / 4000)
+    assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
+    assert composed <= cfg.privacy.epsilon * (1 + 1e-9)
+    fixed = plan_sigmas(_cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5], "
+                                       "scorer: activation, scope: layer}}\ndistill: {enabled: false}\n"
+                                       "privacy: {scope: line, fixed_noise: {prune_1_stats: 20.0}}\n"), 4000)
+    assert fixed["prune_1_stats"] == 20.0  # privacy.fixed_noise overrides stats_noise
+    with pytest.raises(ConfigError, match="prune.schedule"):
+        _cfg(tmp_path, "prune: {schedule: {scorer: activation}}\n")  # global scope: refused, key named
 
 
 def _event(train, sigma):

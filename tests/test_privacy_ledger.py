@@ -53,6 +53,8 @@ def test_entry_defaults_and_event():
     (dict(accountant="moments"), "accountant"),
     (dict(sampling="shuffle"), "sampling"),
     (dict(unit="user"), "unit"),
+    (dict(mechanism="laplace"), "mechanism"),
+    (dict(mechanism="gaussian_sum"), "one step at sample rate 1"),
 ])
 def test_entry_validation(override, match):
     with pytest.raises(ValueError, match=match):
@@ -96,6 +98,22 @@ def test_json_round_trip(ledger, tmp_path):
     assert Ledger.load(path) == ledger
     assert json.loads(text)["entries"][1]["max_grad_norm"] == 0.5
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temp file left behind
+
+
+def test_gaussian_sum_release_composes_like_one_full_batch_step(ledger):
+    """A Gaussian-sum release (privacy.stats) is recorded with its mechanism and composes as q = 1, one step;
+    a ledger saved before `mechanism` existed still loads, as DP-SGD."""
+    release = DPEvent(noise_multiplier=10.0, sample_rate=1.0, num_steps=1)
+    extended = ledger.record(stage="prune_1_stats", event=release, max_grad_norm=1.0, delta=DELTA,
+                             mechanism="gaussian_sum")
+    assert extended.entries[-1].mechanism == "gaussian_sum" and extended.entries[0].mechanism == "dp_sgd"
+    assert extended.entries[-1].epsilon_after == pytest.approx(
+        compose_epsilon([TEACHER, STUDENT, release], delta=DELTA), rel=1e-9)
+    assert extended.entries[-1].epsilon_after > ledger.epsilon(delta=DELTA)
+    old = json.loads(ledger.to_json())
+    for item in old["entries"]:
+        del item["mechanism"]
+    assert Ledger.from_json(json.dumps(old)) == ledger
 
 
 def test_from_json_rejects_foreign_or_unknown(ledger):

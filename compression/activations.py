@@ -1,0 +1,76 @@
+"""Input feature norms of a model's prunable linear layers, released with DP, for activation-aware pruning scores
+(Wanda: |W_ij| * ||x_j||, Sun et al. 2023). The mechanism is `privacy.stats`; this module only picks the statistic.
+
+Per example and per distinct layer input x ([L, d]), the statistic is the token mean of x_j^2 over the example's
+real tokens (padding excluded). Linear layers fed the same tensor (query, key, value) share one chunk.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compression.prune import prunable
+from compression.train import length_chunks, pad
+from privacy.stats import GaussianSum
+
+log = logging.getLogger(__name__)
+
+
+def _per_example_inputs(model: nn.Module, include: str, input_ids, mask, token_types) -> tuple[dict, dict]:
+    """One forward pass; returns ({chunk key: [B, d] token-mean squared inputs}, {weight name: chunk key})."""
+    modules = dict(model.named_modules())
+    names = [n[: -len(".weight")] for n in prunable(model, include) if n.endswith(".weight")]
+    chunks, owner, by_tensor, alive, hooks = {}, {}, {}, [], []
+    real = mask.unsqueeze(-1).double()
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0]
+            key = by_tensor.setdefault(id(x), name)  # the first layer to see this tensor names the chunk
+            alive.append(x)  # held until the pass ends, so no other tensor can take its id
+            owner[name + ".weight"] = key
+            if key == name:
+                chunks[key] = (x.double().pow(2) * real).sum(1) / real.sum(1).clamp_min(1)
+        return record
+
+    for name in names:
+        if not isinstance(modules[name], nn.Linear):
+            raise TypeError(f"{name} is a {type(modules[name]).__name__}: activation scores need nn.Linear layers")
+        hooks.append(modules[name].register_forward_hook(hook(name)))
+    try:
+        model(input_ids, mask, token_types)
+    finally:
+        for h in hooks:
+            h.remove()
+    return chunks, owner
+
+
+@torch.no_grad()
+def dp_input_norms(model: nn.Module, data: dict, *, include: str, noise_multiplier: float, batch_size: int = 64,
+                   secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """{weight name: [d_in] noisy input feature norms} for the prunable linear weights, from ONE Gaussian-sum release
+    over every example of `data` (the private training set): sample rate 1, one step, sensitivity 1 (see
+    `privacy.stats`). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
+
+    The norms are sqrt(max(0, noisy sum)); only their ratios within a tensor matter to per-tensor and per-row masks.
+    """
+    ids = [torch.as_tensor(x) for x in data["input_ids"]]
+    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
+    lengths = torch.tensor([len(x) for x in ids])
+    model.eval()
+    total, owner = None, None
+    for chunk in length_chunks(torch.arange(len(ids)), lengths, batch_size):
+        input_ids, mask = pad([ids[i] for i in chunk])
+        token_types, _ = pad([types[i] for i in chunk])
+        stats, owner = _per_example_inputs(model, include, input_ids, mask, token_types)
+        if total is None:
+            total = GaussianSum(sorted(stats))
+        total.add([stats[k] for k in total.keys])
+    if total is None:
+        raise ValueError("dp_input_norms needs at least one example")
+    released = total.release(noise_multiplier=noise_multiplier, secure_mode=secure_mode, generator=generator)
+    log.info("released input norms of %d layer inputs over %d examples (sigma %.3g)", len(released), total.count,
+             noise_multiplier)
+    return {weight: released[key].clamp_min(0).sqrt() for weight, key in owner.items()}
