@@ -1,8 +1,9 @@
-"""Input feature norms of a model's prunable linear layers, released with DP, for activation-aware pruning scores
-(Wanda: |W_ij| * ||x_j||, Sun et al. 2023). The mechanism is `privacy.stats`; this module only picks the statistic.
+"""Statistics of the inputs of a model's prunable linear layers, released with DP: feature norms for activation-aware
+pruning scores (Wanda: |W_ij| * ||x_j||, Sun et al. 2023) and second moments for weight reconstruction after
+pruning. The mechanisms are `privacy.stats`; this module only picks the statistic.
 
-Per example and per distinct layer input x ([L, d]), the statistic is the token mean of x_j^2 over the example's
-real tokens (padding excluded). Linear layers fed the same tensor (query, key, value) share one chunk.
+Per example and per distinct layer input x ([L, d]), the statistic is the token mean of x_j^2 (or of x x^T) over
+the example's real tokens (padding excluded). Linear layers fed the same tensor (query, key, value) share one chunk.
 """
 from __future__ import annotations
 
@@ -13,17 +14,16 @@ from torch import nn
 
 from compression.prune import prunable
 from compression.train import length_chunks, pad
-from privacy.stats import GaussianSum
+from privacy.stats import GaussianSum, SecondMomentSum
 
 log = logging.getLogger(__name__)
 
 
-def _per_example_inputs(model: nn.Module, include: str, input_ids, mask, token_types) -> tuple[dict, dict]:
-    """One forward pass; returns ({chunk key: [B, d] token-mean squared inputs}, {weight name: chunk key})."""
+def _layer_inputs(model: nn.Module, include: str, input_ids, mask, token_types) -> tuple[dict, dict]:
+    """One forward pass; returns ({chunk key: [B, L, d] inputs}, {weight name: chunk key})."""
     modules = dict(model.named_modules())
     names = [n[: -len(".weight")] for n in prunable(model, include) if n.endswith(".weight")]
     chunks, owner, by_tensor, alive, hooks = {}, {}, {}, [], []
-    real = mask.unsqueeze(-1).double()
 
     def hook(name):
         def record(module, inputs, output):
@@ -32,7 +32,7 @@ def _per_example_inputs(model: nn.Module, include: str, input_ids, mask, token_t
             alive.append(x)  # held until the pass ends, so no other tensor can take its id
             owner[name + ".weight"] = key
             if key == name:
-                chunks[key] = (x.double().pow(2) * real).sum(1) / real.sum(1).clamp_min(1)
+                chunks[key] = x.detach()
         return record
 
     for name in names:
@@ -47,6 +47,63 @@ def _per_example_inputs(model: nn.Module, include: str, input_ids, mask, token_t
     return chunks, owner
 
 
+def _per_example_inputs(model: nn.Module, include: str, input_ids, mask, token_types) -> tuple[dict, dict]:
+    """({chunk key: [B, d] token means of x^2 over real tokens}, {weight name: chunk key})."""
+    inputs, owner = _layer_inputs(model, include, input_ids, mask, token_types)
+    real = mask.unsqueeze(-1).double()
+    return {k: (x.double().pow(2) * real).sum(1) / real.sum(1).clamp_min(1) for k, x in inputs.items()}, owner
+
+
+def _batches(data: dict, batch_size: int):
+    ids = [torch.as_tensor(x) for x in data["input_ids"]]
+    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
+    lengths = torch.tensor([len(x) for x in ids])
+    for chunk in length_chunks(torch.arange(len(ids)), lengths, batch_size):
+        input_ids, mask = pad([ids[i] for i in chunk])
+        token_types, _ = pad([types[i] for i in chunk])
+        yield input_ids, mask, token_types
+
+
+def _second_moment_sum(model, data, include, batch_size, public):
+    model.eval()
+    total, owner = None, None
+    for input_ids, mask, token_types in _batches(data, batch_size):
+        inputs, owner = _layer_inputs(model, include, input_ids, mask, token_types)
+        total = total or SecondMomentSum(sorted(inputs), public=public)
+        total.add(inputs, mask)
+    if total is None:
+        raise ValueError("second moments need at least one example")
+    return total, owner
+
+
+@torch.no_grad()
+def dp_second_moments(model: nn.Module, data: dict, *, include: str, noise_multiplier: float, batch_size: int = 64,
+                      secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """{weight name: [d_in, d_in] noisy sum of per-example normalised token-mean x x^T} for the prunable linear
+    weights, from ONE release over every example of `data` (`privacy.stats.SecondMomentSum`: sample rate 1, one
+    step, sensitivity 1). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
+    The square roots of the diagonals serve as input norms (`input_norms_from`)."""
+    total, owner = _second_moment_sum(model, data, include, batch_size, public=False)
+    released = total.release(noise_multiplier=noise_multiplier, secure_mode=secure_mode, generator=generator)
+    log.info("released second moments of %d layer inputs over %d examples (sigma %.3g)", len(released),
+             total.count, noise_multiplier)
+    return {weight: released[key] for weight, key in owner.items()}
+
+
+@torch.no_grad()
+def public_second_moments(model: nn.Module, data: dict, *, include: str, batch_size: int = 64
+                          ) -> dict[str, torch.Tensor]:
+    """The same statistic as `dp_second_moments`, without noise, from PUBLIC calibration text (no privacy cost)."""
+    total, owner = _second_moment_sum(model, data, include, batch_size, public=True)
+    sums = total.noiseless()
+    return {weight: sums[key] for weight, key in owner.items()}
+
+
+def input_norms_from(second_moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Input feature norms sqrt(max(0, diag)) from released second moments (post-processing)."""
+    return {w: torch.diagonal(h).clamp_min(0).sqrt().float() for w, h in second_moments.items()}
+
+
 @torch.no_grad()
 def dp_input_norms(model: nn.Module, data: dict, *, include: str, noise_multiplier: float, batch_size: int = 64,
                    secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -56,14 +113,9 @@ def dp_input_norms(model: nn.Module, data: dict, *, include: str, noise_multipli
 
     The norms are sqrt(max(0, noisy sum)); only their ratios within a tensor matter to per-tensor and per-row masks.
     """
-    ids = [torch.as_tensor(x) for x in data["input_ids"]]
-    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
-    lengths = torch.tensor([len(x) for x in ids])
     model.eval()
     total, owner = None, None
-    for chunk in length_chunks(torch.arange(len(ids)), lengths, batch_size):
-        input_ids, mask = pad([ids[i] for i in chunk])
-        token_types, _ = pad([types[i] for i in chunk])
+    for input_ids, mask, token_types in _batches(data, batch_size):
         stats, owner = _per_example_inputs(model, include, input_ids, mask, token_types)
         if total is None:
             total = GaussianSum(sorted(stats))

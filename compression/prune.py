@@ -34,6 +34,9 @@ class PruneConfig:
     scorer "magnitude": |W|; "activation" (Wanda): |W_ij| * ||x_j||, input norms released with DP before each round
     at noise multiplier `stats_noise` (one Gaussian sum over the training set, sample rate 1). Its norms are
     comparable within a tensor only, so it needs scope "layer" (one threshold per tensor) or "row" (per output row).
+    reconstruct: after masking, the surviving weights of each row absorb the pruned ones' output under the input
+    second moments (`compression.reconstruct`), released with DP at `stats_noise` (the norms then come from the
+    same release: one release per round either way).
     """
 
     target_sparsity: float = 0.5     # fraction of the selected weights that are zero after the last round
@@ -42,7 +45,9 @@ class PruneConfig:
     scope: Literal["global", "layer", "row"] = "global"   # one threshold over all tensors, per tensor, per row
     scorer: str = "magnitude"
     include: str = "encoder.encoder.layer."   # name prefix of prunable tensors (2-D weights only)
-    stats_noise: float = 10.0   # noise multiplier of the input-norm release (scorer "activation" only)
+    stats_noise: float = 10.0   # noise multiplier of the input statistics' release (activation scorer, reconstruct)
+    reconstruct: bool = False
+    reconstruct_damping: float = 0.01   # ridge added to H, relative to its mean diagonal
 
     def __post_init__(self):
         if not 0 <= self.target_sparsity < 1:
@@ -58,6 +63,8 @@ class PruneConfig:
                              "normalised per tensor, so scores are not comparable across tensors")
         if not self.stats_noise > 0:
             raise ValueError(f"stats_noise must be a noise multiplier > 0, got {self.stats_noise!r}")
+        if not self.reconstruct_damping > 0:
+            raise ValueError(f"reconstruct_damping must be > 0, got {self.reconstruct_damping!r}")
         if self.sparsities is not None:
             values = list(self.sparsities)
             if not values or any(not 0 < v < 1 for v in values) or values != sorted(set(values)):
@@ -66,6 +73,11 @@ class PruneConfig:
     @property
     def needs_input_norms(self) -> bool:
         return self.scorer in NEEDS_INPUT_NORMS
+
+    @property
+    def releases_statistics(self) -> bool:
+        """Whether each round first releases statistics of the private data (a ledger stage of its own)."""
+        return self.needs_input_norms or self.reconstruct
 
     @property
     def num_rounds(self) -> int:
@@ -81,7 +93,7 @@ class PruneConfig:
 
 
 def stats_stage(name: str) -> str:
-    """The ledger stage of the DP input-norm release before pruning stage `name` (scorers in NEEDS_INPUT_NORMS)."""
+    """The ledger stage of the DP input-statistics release before pruning stage `name` (`releases_statistics`)."""
     return f"{name}_stats"
 
 

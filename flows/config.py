@@ -34,6 +34,9 @@ class PruneSection(_Section):
     # chain: one line, each round prunes the previous round's model further; per_target: every sparsity of the
     # schedule is a line of its own, the DP teacher pruned to it in one round and fine-tuned on the whole share
     lines: Literal["chain", "per_target"] = "chain"
+    # public text (its train split; labels unused) for activation scores and reconstruction, at no privacy cost;
+    # None: the private training data, through a DP release before each round (a `{round}_stats` ledger stage)
+    calibration: DataConfig | None = None
 
 
 class StructuredSection(_Section):
@@ -139,6 +142,9 @@ def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | 
     glue_dir = glue_dir or os.environ.get(GLUE_DIR_ENV)
     if glue_dir and isinstance(raw.get("data"), dict) and not raw["data"].get("dir"):
         raw["data"]["dir"] = str(Path(glue_dir).resolve())
+    calibration = raw.get("prune", {}).get("calibration") if isinstance(raw.get("prune"), dict) else None
+    if glue_dir and isinstance(calibration, dict) and not calibration.get("dir"):
+        calibration["dir"] = str(Path(glue_dir).resolve())
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as err:

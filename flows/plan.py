@@ -50,7 +50,7 @@ def lines(cfg: StudyConfig) -> dict[str, list[Stage]]:
     return out
 
 
-STATS_SHARE = 0.05  # of a pruning round's share: its input-norm release (fixed sigma; the share only orders calibration)
+STATS_SHARE = 0.05  # of a pruning round's share: its statistics release (fixed sigma; the share only orders calibration)
 
 
 def _plan(stage_name: str, train, share: float, num_train: int, fixed: dict) -> StagePlan:
@@ -59,9 +59,10 @@ def _plan(stage_name: str, train, share: float, num_train: int, fixed: dict) -> 
 
 
 def _stage_plans(cfg: StudyConfig, stage: Stage, num_train: int, fixed: dict) -> list[StagePlan]:
-    """A stage's ledger events in run order: a pruning round with activation scores releases its input norms
-    (one Gaussian sum over all examples: q = 1, one step, sigma `stats_noise`) before it fine-tunes."""
-    if stage.kind != "prune" or not cfg.prune.schedule.needs_input_norms:
+    """A stage's ledger events in run order: a pruning round with activation scores or reconstruction releases
+    input statistics of the private data (one Gaussian sum over all examples: q = 1, one step, sigma
+    `stats_noise`) before it fine-tunes, unless they come from public calibration text."""
+    if stage.kind != "prune" or not cfg.prune.schedule.releases_statistics or cfg.prune.calibration is not None:
         return [_plan(stage.name, stage.train, stage.share, num_train, fixed)]
     name = stats_stage(stage.name)
     stats = StagePlan(stage=name, sample_rate=1.0, num_steps=1, budget_share=stage.share * STATS_SHARE,

@@ -36,6 +36,10 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     common = {"output_dir": out, "tracking_uri": uri, "parent_run_id": parent}
     try:
         data = prepare_data(data=cfg.data, tokenizer_name=cfg.model.name_or_path, **common)
+        calibration = None
+        if cfg.prune.enabled and cfg.prune.calibration and cfg.prune.schedule.releases_statistics:
+            calibration = prepare_data(stage="prepare_calibration", data=cfg.prune.calibration,
+                                       tokenizer_name=cfg.model.name_or_path, **common)
         teacher_plan, line_plans = plan_inputs(cfg, data.num_train)
         plan = plan_privacy(teacher=teacher_plan, lines=line_plans, budget=cfg.privacy, num_train=data.num_train)
         models = []
@@ -52,7 +56,7 @@ def run_study(cfg: StudyConfig) -> list[dict]:
             for stage in line:
                 spent = last if cfg.privacy.scope == "study" else previous
                 previous = last = run_stage(cfg, stage, source=previous, teacher=teacher, spent=spent, data=data,
-                                            budgets=plan, common=common)
+                                            budgets=plan, common=common, calibration=calibration)
                 models.append(previous)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
@@ -79,7 +83,7 @@ def final_model(cfg: StudyConfig, models: list, evals: list):
     return models[max(compressed)[1]] if compressed else models[-1]
 
 
-def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budgets, common):
+def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budgets, common, calibration=None):
     """One private stage of a line: a pruning round, a structured round, or a distilled student."""
     budget = budgets[stage.name]
     if stage.kind == "prune":
@@ -87,7 +91,7 @@ def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, b
         return prune_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
                            teacher=teacher, data=data, schedule=p.schedule, train=p.train, budget=budget,
                            distill_alpha=p.distill_alpha, temperature=p.temperature, rewind=p.rewind,
-                           stats_budget=budgets.get(stats_stage(stage.name)), **common)
+                           stats_budget=budgets.get(stats_stage(stage.name)), calibration=calibration, **common)
     if stage.kind == "structured":
         return structured_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
                                 data=data, schedule=cfg.structured.schedule, train=cfg.structured.train,

@@ -37,12 +37,19 @@ class GaussianSum:
 
     keys: a name per chunk, in the order `add` receives them. The noiseless sum is private: only `release`'s
     output may leave. `release` may be called once (a second call would be a second, unaccounted release).
+    public=True: the data is public (no privacy), and `noiseless` returns the plain sum instead.
     """
 
-    def __init__(self, keys: Sequence[str]):
-        self.keys, self.count = list(keys), 0
+    def __init__(self, keys: Sequence[str], *, public: bool = False):
+        self.keys, self.count, self.public = list(keys), 0, public
         self._sums: list[torch.Tensor] | None = None
         self._released = False
+
+    def noiseless(self) -> dict[str, torch.Tensor]:
+        """The plain sum, for public data only (refused unless constructed with public=True)."""
+        if not self.public:
+            raise PermissionError("the noiseless sum of private data may not leave: use release()")
+        return {k: v.float() for k, v in zip(self.keys, self._sums or [])}
 
     def add(self, chunks: Sequence[torch.Tensor]) -> None:
         """Add a batch: chunks[i] is [B, d_i], one row per example, in `keys` order (normalised here)."""
@@ -75,4 +82,67 @@ class GaussianSum:
             noise = torch.normal(0.0, noise_multiplier, total.shape, generator=generator, dtype=torch.float64)
             out[key] = (total + noise).float()
         self._sums = None  # the noiseless sums are gone once released
+        return out
+
+
+class SecondMomentSum:
+    """Per-example second moments of token features, summed over the data set and released once with noise.
+
+    Each example contributes, for each key (a layer input, [L, d] tokens), the token mean of x x^T over its real
+    tokens, a [d, d] matrix scaled to Frobenius norm 1/sqrt(M) for M keys, so its whole contribution has norm 1
+    (the sensitivity). Per-example matrices are never formed: ||X^T X||_F = ||X X^T||_F, so each example's tokens
+    are scaled by sqrt(1 / (||X X^T||_F sqrt(M))) and one matmul adds the batch. The release adds N(0, sigma^2) to
+    every entry on and above the diagonal and mirrors it (an upper triangle has norm <= the Frobenius norm).
+    The batch matmul runs in float32; contributions are scaled to (1 - SLACK) of their bound, so its rounding
+    (relative ~1e-6) cannot take one example's contribution above norm 1.
+    """
+
+    SLACK = 1e-3
+
+    def __init__(self, keys: Sequence[str], *, public: bool = False):
+        self.keys, self.count, self.public = list(keys), 0, public
+        self._sums: dict[str, torch.Tensor] = {}
+        self._released = False
+
+    def noiseless(self) -> dict[str, torch.Tensor]:
+        """The plain sum, for public data only (refused unless constructed with public=True)."""
+        if not self.public:
+            raise PermissionError("the noiseless sum of private data may not leave: use release()")
+        return dict(self._sums)
+
+    def add(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        """inputs[key]: [B, L, d] features of B examples; mask: [B, L], 1 on real tokens (padding is ignored)."""
+        if sorted(inputs) != sorted(self.keys):
+            raise ValueError(f"expected inputs for {sorted(self.keys)}, got {sorted(inputs)}")
+        real = mask.to(torch.float64).unsqueeze(-1)
+        for key in self.keys:
+            x = inputs[key].to(torch.float64) * real
+            gram_norm = torch.linalg.matrix_norm(x @ x.transpose(1, 2))  # = ||X^T X||_F, per example
+            bound = (1 - self.SLACK) / math.sqrt(len(self.keys))
+            weight = torch.where(gram_norm > 0, bound / gram_norm.clamp_min(1e-300), torch.zeros_like(gram_norm))
+            scaled = (x * weight.sqrt()[:, None, None]).flatten(0, 1).float()
+            self._sums[key] = self._sums.get(key, 0) + (scaled.T @ scaled).double()
+        self.count += mask.shape[0]
+
+    def release(self, *, noise_multiplier: float, secure_mode: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """{key: [d, d] symmetric float64}: the sum plus symmetric Gaussian noise of std sigma per entry."""
+        if self._released:
+            raise RuntimeError("SecondMomentSum.release was already called: a second release is not accounted")
+        if not self._sums:
+            raise ValueError("nothing to release: add at least one batch")
+        if not noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
+        if secure_mode:
+            if generator is not None:
+                raise ValueError("secure_mode draws its own noise seed; do not pass a generator")
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self._released = True
+        out = {}
+        for key in self.keys:
+            total = self._sums[key]
+            noise = torch.normal(0.0, noise_multiplier, total.shape, generator=generator, dtype=torch.float64)
+            upper = noise.triu()
+            out[key] = total + upper + upper.triu(1).T
+        self._sums = {}
         return out

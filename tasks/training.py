@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 from prefect import get_run_logger, task
 
-from compression.activations import dp_input_norms
+from compression.activations import dp_input_norms, dp_second_moments, input_norms_from, public_second_moments
 from compression.data import load_encoded
 from compression.distill import DistillConfig, kd_loss, make_student
 from compression.evaluate import predict
 from compression.models import ModelConfig, load_classifier, load_saved, save_classifier
 from compression.prune import (PruneConfig, load_masks, magnitude_masks, save_masks, sparsity_report,
                                stats_stage)
+from compression.reconstruct import reconstruct
 from compression.train import TrainConfig, dp_train
 from privacy.accounting import DPEvent, compose_epsilon
 from privacy.config import StageBudget
@@ -119,21 +120,27 @@ def train_teacher(*, stage: str, data: DataRef, model: ModelConfig, train: Train
 def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: PruneConfig,
                 train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
                 spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
-                temperature: float = 2.0, rewind: bool = False, stats_budget: StageBudget | None = None) -> ModelRef:
+                temperature: float = 2.0, rewind: bool = False, stats_budget: StageBudget | None = None,
+                calibration: DataRef | None = None) -> ModelRef:
     """Prune `upstream` to this round's sparsity, then DP fine-tune (KD from `teacher` when distill_alpha > 0;
     surviving weights reset to the teacher's first when `rewind`). `spent`: the ledger to extend (default upstream).
-    Scorer "activation" first releases input norms with DP at `stats_budget` (ledger stage `{stage}_stats`)."""
+    Scorer "activation" and reconstruction read input statistics: from public `calibration` text, or else released
+    from the private data with DP at `stats_budget` (ledger stage `{stage}_stats`)."""
     out = stage_dir(output_dir, stage, {"upstream": upstream, "spent": spent, "teacher": teacher,
                                         "schedule": schedule, "train": train, "budget": budget, "round": round_index,
-                                        "kd": [distill_alpha, temperature, rewind], "stats": stats_budget})
+                                        "kd": [distill_alpha, temperature, rewind], "stats": stats_budget,
+                                        "calibration": calibration})
     net, tokenizer = load_saved(upstream.path)
     previous = load_masks(upstream.masks_path) if upstream.masks_path else None
     target = schedule.sparsity_after(round_index)
-    ledger, input_norms = Ledger.load((spent or upstream).ledger_path), None
+    ledger, stats = Ledger.load((spent or upstream).ledger_path), {}
     out.mkdir(parents=True, exist_ok=True)
-    if schedule.needs_input_norms:
-        ledger, input_norms = _release_input_norms(stage, net, data, schedule, stats_budget, ledger, out,
-                                                   then=(_sgd_event(train, data, budget), budget), seed=train.seed)
+    if schedule.releases_statistics and calibration is not None:
+        stats = _public_statistics(net, calibration, schedule)
+    elif schedule.releases_statistics:
+        ledger, stats = _release_statistics(stage, net, data, schedule, stats_budget, ledger, out,
+                                            then=(_sgd_event(train, data, budget), budget), seed=train.seed)
+    input_norms = stats.get("input_norms")
     masks = magnitude_masks(net, sparsity=target, include=schedule.include, scope=schedule.scope,
                             scorer=schedule.scorer, previous=previous, input_norms=input_norms)
     get_run_logger().info("%s: pruning to %.1f%% of %s weights (%s, %s)", stage, 100 * target, schedule.include,
@@ -147,6 +154,9 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
             net.load_state_dict(reference.state_dict())  # dp_train multiplies the masks in before training
         if distill_alpha > 0:
             loss_fn = _kd_loss(reference, data, alpha=distill_alpha, temperature=temperature)
+    if schedule.reconstruct:  # post-processing of the released second moments
+        errors = reconstruct(net, masks, stats["second_moments"], damping=schedule.reconstruct_damping)
+        (out / "reconstruction.json").write_text(json.dumps(errors, indent=2))
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=ledger, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      masks=masks, loss_fn=loss_fn,
@@ -154,14 +164,21 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                              "distill_alpha": distill_alpha, "rewind": rewind})
 
 
-def _release_input_norms(stage, net, data: DataRef, schedule: PruneConfig, budget: StageBudget | None,
-                         ledger: Ledger, out: Path, *, then: tuple[DPEvent, StageBudget], seed: int):
-    """The ledger with stage `{stage}_stats` recorded, and the DP input norms (one Gaussian sum, q = 1). Refuses
+def _public_statistics(net, calibration: DataRef, schedule: PruneConfig) -> dict:
+    """Input statistics from public calibration text: no noise, no ledger entry (no private data is read)."""
+    moments = public_second_moments(net, load_encoded(Path(calibration.path) / "train.pt"), include=schedule.include)
+    return {"second_moments": moments, "input_norms": input_norms_from(moments)}
+
+
+def _release_statistics(stage, net, data: DataRef, schedule: PruneConfig, budget: StageBudget | None,
+                        ledger: Ledger, out: Path, *, then: tuple[DPEvent, StageBudget], seed: int):
+    """The ledger with stage `{stage}_stats` recorded, and the DP input statistics: {"input_norms"} (a Gaussian sum of
+    norms) or, to reconstruct, {"second_moments", "input_norms"} from one release of second moments (q = 1). Refuses
     before touching data unless both the release and the fine-tuning after it (`then`) fit the budget. A rerun
     of a failed stage reuses the saved release (the same release, accounted once) rather than drawing another."""
     name = stats_stage(stage)
     if budget is None:
-        raise ValueError(f"{stage}: scorer {schedule.scorer!r} needs a stats_budget for ledger stage {name!r}")
+        raise ValueError(f"{stage}: scorer {schedule.scorer!r} / reconstruct needs a stats_budget for stage {name!r}")
     event = DPEvent(noise_multiplier=budget.noise_multiplier, sample_rate=1.0, num_steps=1)
     ledger.check_fits(stage=name, event=event, target_epsilon=budget.target_epsilon, delta=budget.delta,
                       accountant=budget.accountant)
@@ -169,17 +186,22 @@ def _release_input_norms(stage, net, data: DataRef, schedule: PruneConfig, budge
                            accountant=budget.accountant, dataset_fingerprint=data.fingerprint, mechanism="gaussian_sum")
     ledger.check_fits(stage=stage, event=then[0], target_epsilon=then[1].target_epsilon, delta=then[1].delta,
                       accountant=then[1].accountant)
-    saved = out / "input_norms.pt"
+    saved = out / "input_statistics.pt"
     if saved.exists():
         return ledger, torch.load(saved, weights_only=True)
-    generator = None if budget.secure_mode else torch.Generator().manual_seed(seed)
-    norms = dp_input_norms(net, load_encoded(Path(data.path) / "train.pt"), include=schedule.include,
-                           noise_multiplier=budget.noise_multiplier, secure_mode=budget.secure_mode,
-                           generator=generator)
-    torch.save(norms, saved)  # a DP release: safe to keep, and never redrawn
-    get_run_logger().info("%s: input norms released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,
-                          ledger.entries[-1].epsilon_after)
-    return ledger, norms
+    kwargs = {"include": schedule.include, "noise_multiplier": budget.noise_multiplier,
+              "secure_mode": budget.secure_mode,
+              "generator": None if budget.secure_mode else torch.Generator().manual_seed(seed)}
+    train_data = load_encoded(Path(data.path) / "train.pt")
+    if schedule.reconstruct:
+        moments = dp_second_moments(net, train_data, **kwargs)
+        stats = {"second_moments": moments, "input_norms": input_norms_from(moments)}
+    else:
+        stats = {"input_norms": dp_input_norms(net, train_data, **kwargs)}
+    torch.save(stats, saved)  # a DP release: safe to keep, and never redrawn
+    get_run_logger().info("%s: input statistics released (sigma %.3g, epsilon now %.3f)", name,
+                          budget.noise_multiplier, ledger.entries[-1].epsilon_after)
+    return ledger, stats
 
 
 def _kd_loss(teacher, data: DataRef, *, alpha: float, temperature: float):

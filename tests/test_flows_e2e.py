@@ -71,8 +71,9 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
-def _config(tmp_path: Path, model: str, uri: str, name: str) -> Path:
+def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | None = None) -> Path:
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/quickstart.yaml").read_text())
+    cfg["prune"].setdefault("schedule", {}).update(schedule or {})
     small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
     cfg.update(name=name, output_dir=str(tmp_path / "runs"), model={"name_or_path": model})
     cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
@@ -144,16 +145,28 @@ def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflo
                                                                  tiny_model, monkeypatch):
     from flows.study import study
 
-    path = _config(tmp_path, tiny_model, mlflow_server, "resume")
-    Calls(monkeypatch, "magnitude_masks", fail_first=True)
+    from privacy.ledger import Ledger
+
+    # activation scores from the private data: each round first releases input norms with DP (`{round}_stats`)
+    path = _config(tmp_path, tiny_model, mlflow_server, "resume", schedule={"scorer": "activation", "scope": "row"})
+    released = Calls(monkeypatch, "dp_input_norms")
+    Calls(monkeypatch, "magnitude_masks", fail_first=True)  # prune_1 fails after its release, before training
     with pytest.raises(RuntimeError, match="injected failure"):
         study(config_path=str(path))
+    assert released.count == 1
     teachers = Calls(monkeypatch, "load_classifier")
     trained = Calls(monkeypatch, "dp_train")
     rows = study(config_path=str(path))
     assert teachers.count == 0, "the finished teacher stage must come from the cache"
     assert trained.count == 3  # prune_1, prune_2, distill
+    assert released.count == 2, "the rerun reuses prune_1's saved release (a redraw would be unaccounted)"
     assert [r["stage"] for r in rows] == ["teacher", "prune_1", "prune_2", "distill"]
+    assert rows[-1]["epsilon"] == pytest.approx(8.0, rel=0.02) and rows[-1]["epsilon"] <= 8.0 * (1 + 1e-6)
+    (final,) = (tmp_path / "runs" / "resume" / "stages").glob("distill-*")
+    entries = Ledger.load(final / "ledger.json").entries
+    assert [e.stage for e in entries] == ["teacher", "prune_1_stats", "prune_1", "prune_2_stats", "prune_2", "distill"]
+    assert [e.mechanism for e in entries if e.stage.endswith("_stats")] == ["gaussian_sum"] * 2
+    assert all((e.sample_rate, e.num_steps) == (1.0, 1) for e in entries if e.stage.endswith("_stats"))
 
 
 def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
@@ -183,6 +196,7 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     cfg["teacher"] = small
     for section in ("prune", "structured", "distill"):
         cfg[section]["train"] = small
+    cfg["prune"]["calibration"].update(dir=str(GLUE), max_train_examples=32, max_eval_examples=8)
     cfg["nonprivate"]["train"] = {**small, "max_grad_norm": 1e6}
     cfg["tracking"] = {"uri": mlflow_server, "experiment": "e2e-paper"}
     path = tmp_path / "paper.yaml"
@@ -202,6 +216,8 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
 
     study_dir = tmp_path / "runs" / "paper"
     stage_dirs = {p.name.rsplit("-", 1)[0]: p for p in (study_dir / "stages").iterdir()}
+    assert Ledger.load(stage_dirs["prune_1"] / "ledger.json").stage_names() == ["teacher", "prune_1"]  # public text
+    assert json.loads((stage_dirs["prune_1"] / "reconstruction.json").read_text())  # per tensor output error ratio
     ledger = Ledger.load(stage_dirs["structured_2"] / "ledger.json")
     assert ledger.stage_names() == ["teacher", "structured_1", "structured_2"]  # its own line only
     for name, folder in stage_dirs.items():  # every private stage wrote its own ledger entry, last

@@ -93,6 +93,11 @@ def test_activation_scorer_adds_a_fixed_sigma_release_before_each_pruning_round(
     assert fixed["prune_1_stats"] == 20.0  # privacy.fixed_noise overrides stats_noise
     with pytest.raises(ConfigError, match="prune.schedule"):
         _cfg(tmp_path, "prune: {schedule: {scorer: activation}}\n")  # global scope: refused, key named
+    public = _cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5], scorer: activation, "
+                            "scope: row, reconstruct: true}, calibration: {task: cola}}\n"
+                            "distill: {enabled: false}\nprivacy: {scope: line}\n")
+    assert [p.stage for p in private_stages(public, 4000)] == ["teacher", "prune_1"]  # public text: no release
+    assert plan_sigmas(public, 4000)["prune_1"] == pytest.approx(plain["prune_1"])
 
 
 def _event(train, sigma):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from privacy.stats import GaussianSum, normalise
+from privacy.stats import GaussianSum, SecondMomentSum, normalise
 
 
 def _batch(n, dims=(3, 5), seed=0, scale=1.0):
@@ -76,3 +76,58 @@ def test_release_is_one_shot_and_validates():
         total.release(noise_multiplier=1.0)
     with pytest.raises(TypeError):
         GaussianSum(["a"]).release(1.0)  # keyword-only
+
+
+def _tokens(n, length, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, d, generator=g)
+    mask = torch.ones(n, length)
+    mask[0, length // 2:] = 0  # one example is padded: its padding must not count
+    x[0, length // 2:] = 1e3   # (and carries garbage there)
+    return x, mask
+
+
+def test_second_moments_match_per_example_matrices_built_by_hand():
+    """Oracle: for each example alone, the token mean of x x^T over its real tokens, scaled to Frobenius norm
+    (1 - SLACK) / sqrt(M), summed. The batched Gram-norm path must equal it."""
+    inputs = {k: _tokens(5, 6, d, seed) for k, d, seed in (("a", 4, 0), ("b", 7, 1))}
+    total = SecondMomentSum(["a", "b"])
+    total.add({k: x for k, (x, _) in inputs.items()}, inputs["a"][1])
+    bound = (1 - SecondMomentSum.SLACK) / math.sqrt(2)
+    for key, (x, mask) in inputs.items():
+        expected = 0
+        for i in range(5):
+            real = x[i][mask[i] == 1].double()
+            m = real.T @ real / len(real)
+            expected = expected + m * bound / torch.linalg.matrix_norm(m)
+        torch.testing.assert_close(total._sums[key], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_one_example_moves_the_second_moment_sums_by_at_most_one():
+    base = {k: _tokens(8, 5, 6, s) for k, s in (("a", 2), ("b", 3))}
+    extra = {k: _tokens(1, 5, 6, s) for k, s in (("a", 4), ("b", 5))}
+
+    def noiseless(parts):
+        total = SecondMomentSum(["a", "b"])
+        for part in parts:
+            total.add({k: x for k, (x, _) in part.items()}, part["a"][1])
+        return total._sums
+
+    without, with_one = noiseless([base]), noiseless([base, {k: (1e4 * x, m) for k, (x, m) in extra.items()}])
+    change = math.sqrt(sum(float(torch.linalg.matrix_norm(with_one[k] - without[k])) ** 2 for k in without))
+    assert 1 - 2e-3 < change <= 1.0
+
+
+def test_second_moment_release_is_symmetric_with_std_sigma_noise():
+    x, mask = _tokens(4, 5, 120, 6)
+    exact = SecondMomentSum(["a"])
+    exact.add({"a": x}, mask)
+    clean = exact._sums["a"].clone()
+    total = SecondMomentSum(["a"])
+    total.add({"a": x}, mask)
+    released = total.release(noise_multiplier=2.0, generator=torch.Generator().manual_seed(0))["a"]
+    torch.testing.assert_close(released, released.T, rtol=0, atol=0)
+    noise = (released - clean)[torch.triu_indices(120, 120)[0], torch.triu_indices(120, 120)[1]]
+    assert float(noise.std()) == pytest.approx(2.0, rel=0.03) and abs(float(noise.mean())) < 0.1
+    with pytest.raises(RuntimeError, match="already called"):
+        total.release(noise_multiplier=2.0)
