@@ -131,3 +131,18 @@ def test_second_moment_release_is_symmetric_with_std_sigma_noise():
     assert float(noise.std()) == pytest.approx(2.0, rel=0.03) and abs(float(noise.mean())) < 0.1
     with pytest.raises(RuntimeError, match="already called"):
         total.release(noise_multiplier=2.0)
+
+
+def test_noiseless_sums_are_for_public_data_only():
+    """Private accumulators refuse to hand out their plain sums; public ones (calibration text) return them."""
+    x, mask = _tokens(3, 4, 5, 7)
+    for private, public in ((GaussianSum(["a"]), GaussianSum(["a"], public=True)),
+                            (SecondMomentSum(["a"]), SecondMomentSum(["a"], public=True))):
+        for total in (private, public):
+            if isinstance(total, GaussianSum):
+                total.add([x.mean(1)])
+            else:
+                total.add({"a": x}, mask)
+        with pytest.raises(PermissionError, match="may not leave"):
+            private.noiseless()
+        assert public.noiseless()["a"].shape in ((5,), (5, 5))
