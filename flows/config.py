@@ -34,9 +34,14 @@ class PruneSection(_Section):
     # chain: one line, each round prunes the previous round's model further; per_target: every sparsity of the
     # schedule is a line of its own, the DP teacher pruned to it in one round and fine-tuned on the whole share
     lines: Literal["chain", "per_target"] = "chain"
-    # public text (its train split; labels unused) for activation scores and reconstruction, at no privacy cost;
-    # None: the private training data, through a DP release before each round (a `{round}_stats` ledger stage)
-    calibration: DataConfig | None = None
+    # public text (train splits; labels unused) for activation scores and reconstruction, at no privacy cost: one
+    # data section or a list of them; None: the private data, through a DP release before each round (`{round}_stats`)
+    calibration: list[DataConfig] | None = None
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, dict) else value
 
 
 class StructuredSection(_Section):
@@ -143,8 +148,9 @@ def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | 
     if glue_dir and isinstance(raw.get("data"), dict) and not raw["data"].get("dir"):
         raw["data"]["dir"] = str(Path(glue_dir).resolve())
     calibration = raw.get("prune", {}).get("calibration") if isinstance(raw.get("prune"), dict) else None
-    if glue_dir and isinstance(calibration, dict) and not calibration.get("dir"):
-        calibration["dir"] = str(Path(glue_dir).resolve())
+    for source in [calibration] if isinstance(calibration, dict) else calibration or []:
+        if glue_dir and isinstance(source, dict) and not source.get("dir"):
+            source["dir"] = str(Path(glue_dir).resolve())
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as err:

@@ -36,10 +36,11 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     common = {"output_dir": out, "tracking_uri": uri, "parent_run_id": parent}
     try:
         data = prepare_data(data=cfg.data, tokenizer_name=cfg.model.name_or_path, **common)
-        calibration = None
+        calibration = None  # public text for pruning statistics
         if cfg.prune.enabled and cfg.prune.calibration and cfg.prune.schedule.releases_statistics:
-            calibration = prepare_data(stage="prepare_calibration", data=cfg.prune.calibration,
-                                       tokenizer_name=cfg.model.name_or_path, **common)
+            calibration = [prepare_data(stage=f"prepare_calibration_{source.task}", data=source,
+                                        tokenizer_name=cfg.model.name_or_path, **common)
+                           for source in cfg.prune.calibration]
         teacher_plan, line_plans = plan_inputs(cfg, data.num_train)
         plan = plan_privacy(teacher=teacher_plan, lines=line_plans, budget=cfg.privacy, num_train=data.num_train)
         models = []

@@ -121,10 +121,10 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                 train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
                 spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
                 temperature: float = 2.0, rewind: bool = False, stats_budget: StageBudget | None = None,
-                calibration: DataRef | None = None) -> ModelRef:
+                calibration: list[DataRef] | None = None) -> ModelRef:
     """Prune `upstream` to this round's sparsity, then DP fine-tune (KD from `teacher` when distill_alpha > 0;
     surviving weights reset to the teacher's first when `rewind`). `spent`: the ledger to extend (default upstream).
-    Scorer "activation" and reconstruction read input statistics: from public `calibration` text, or else released
+    Scorer "activation" and reconstruction read input statistics: from public `calibration` texts, or else released
     from the private data with DP at `stats_budget` (ledger stage `{stage}_stats`)."""
     out = stage_dir(output_dir, stage, {"upstream": upstream, "spent": spent, "teacher": teacher,
                                         "schedule": schedule, "train": train, "budget": budget, "round": round_index,
@@ -135,7 +135,7 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
     target = schedule.sparsity_after(round_index)
     ledger, stats = Ledger.load((spent or upstream).ledger_path), {}
     out.mkdir(parents=True, exist_ok=True)
-    if schedule.releases_statistics and calibration is not None:
+    if schedule.releases_statistics and calibration:
         stats = _public_statistics(net, calibration, schedule)
     elif schedule.releases_statistics:
         ledger, stats = _release_statistics(stage, net, data, schedule, stats_budget, ledger, out,
@@ -164,9 +164,14 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                              "distill_alpha": distill_alpha, "rewind": rewind})
 
 
-def _public_statistics(net, calibration: DataRef, schedule: PruneConfig) -> dict:
-    """Input statistics from public calibration text: no noise, no ledger entry (no private data is read)."""
-    moments = public_second_moments(net, load_encoded(Path(calibration.path) / "train.pt"), include=schedule.include)
+def _public_statistics(net, calibration: list[DataRef], schedule: PruneConfig) -> dict:
+    """Input statistics summed over public calibration texts: no noise, no ledger entry (no private data is read)."""
+    moments: dict = {}
+    for source in calibration:
+        part = public_second_moments(net, load_encoded(Path(source.path) / "train.pt"), include=schedule.include)
+        shared = {}  # query, key and value share one matrix: add it once
+        for name, value in part.items():
+            moments[name] = shared.setdefault(id(value), moments.get(name, 0) + value)
     return {"second_moments": moments, "input_norms": input_norms_from(moments)}
 
 

@@ -196,7 +196,8 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     cfg["teacher"] = small
     for section in ("prune", "structured", "distill"):
         cfg[section]["train"] = small
-    cfg["prune"]["calibration"].update(dir=str(GLUE), max_train_examples=32, max_eval_examples=8)
+    for source in cfg["prune"]["calibration"]:
+        source.update(dir=str(GLUE), max_train_examples=16, max_eval_examples=8)
     cfg["nonprivate"]["train"] = {**small, "max_grad_norm": 1e6}
     cfg["tracking"] = {"uri": mlflow_server, "experiment": "e2e-paper"}
     path = tmp_path / "paper.yaml"

@@ -97,6 +97,7 @@ def test_activation_scorer_adds_a_fixed_sigma_release_before_each_pruning_round(
                             "scope: row, reconstruct: true}, calibration: {task: cola}}\n"
                             "distill: {enabled: false}\nprivacy: {scope: line}\n")
     assert [p.stage for p in private_stages(public, 4000)] == ["teacher", "prune_1"]  # public text: no release
+    assert [c.task for c in public.prune.calibration] == ["cola"]  # one data section reads as a list of one
     assert plan_sigmas(public, 4000)["prune_1"] == pytest.approx(plain["prune_1"])
 
 
