@@ -79,6 +79,11 @@ def test_activation_scorer_adds_a_fixed_sigma_release_before_each_pruning_round(
                                                             "prune_2"]
     sigmas = plan_sigmas(cfg, 4000)
     assert sigmas["prune_1_stats"] == 8.0
+    from flows.budget_cli import plan_values
+
+    rows = {r["stage"]: r for r in plan_values(cfg, 4000)["stages"]}  # `dpcompress budget plan` shows the release
+    assert (rows["prune_2_stats"]["line"], rows["prune_2_stats"]["fixed"]) == ("unstructured_70", True)
+    assert rows["teacher"]["epsilon"] < rows["prune_2_stats"]["epsilon"] < rows["prune_2"]["epsilon"]
     plain = plan_sigmas(_cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5, 0.7]}}\n"
                                        "distill: {enabled: false}\nprivacy: {scope: line}\n"), 4000)
     assert sigmas["prune_1"] > plain["prune_1"]  # the release's cost comes out of the fine-tuning's noise
