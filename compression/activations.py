@@ -47,11 +47,10 @@ def _layer_inputs(model: nn.Module, include: str, input_ids, mask, token_types) 
     return chunks, owner
 
 
-def _per_example_inputs(model: nn.Module, include: str, input_ids, mask, token_types) -> tuple[dict, dict]:
-    """({chunk key: [B, d] token means of x^2 over real tokens}, {weight name: chunk key})."""
-    inputs, owner = _layer_inputs(model, include, input_ids, mask, token_types)
+def _token_mean_squares(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] inputs -> [B, d]: each example's token mean of x^2 over its real tokens."""
     real = mask.unsqueeze(-1).double()
-    return {k: (x.double().pow(2) * real).sum(1) / real.sum(1).clamp_min(1) for k, x in inputs.items()}, owner
+    return (x.double().pow(2) * real).sum(1) / real.sum(1).clamp_min(1)
 
 
 def _batches(data: dict, batch_size: int):
@@ -64,16 +63,23 @@ def _batches(data: dict, batch_size: int):
         yield input_ids, mask, token_types
 
 
-def _second_moment_sum(model, data, include, batch_size, public):
+def _accumulate(model, data, include, batch_size, make, add):
+    """One pass over `data`: per batch, the layer inputs go to `add(total, inputs, mask)`; `total = make(keys)` on
+    the first batch. Returns (total, {weight name: chunk key})."""
     model.eval()
     total, owner = None, None
     for input_ids, mask, token_types in _batches(data, batch_size):
         inputs, owner = _layer_inputs(model, include, input_ids, mask, token_types)
-        total = total or SecondMomentSum(sorted(inputs), public=public)
-        total.add(inputs, mask)
+        total = total or make(sorted(inputs))
+        add(total, inputs, mask)
     if total is None:
-        raise ValueError("second moments need at least one example")
+        raise ValueError("input statistics need at least one example")
     return total, owner
+
+
+def _second_moment_sum(model, data, include, batch_size, public):
+    return _accumulate(model, data, include, batch_size, lambda keys: SecondMomentSum(keys, public=public),
+                       lambda total, inputs, mask: total.add(inputs, mask))
 
 
 @torch.no_grad()
@@ -113,15 +119,8 @@ def dp_input_norms(model: nn.Module, data: dict, *, include: str, noise_multipli
 
     The norms are sqrt(max(0, noisy sum)); only their ratios within a tensor matter to per-tensor and per-row masks.
     """
-    model.eval()
-    total, owner = None, None
-    for input_ids, mask, token_types in _batches(data, batch_size):
-        stats, owner = _per_example_inputs(model, include, input_ids, mask, token_types)
-        if total is None:
-            total = GaussianSum(sorted(stats))
-        total.add([stats[k] for k in total.keys])
-    if total is None:
-        raise ValueError("dp_input_norms needs at least one example")
+    total, owner = _accumulate(model, data, include, batch_size, GaussianSum, lambda total, inputs, mask: total.add(
+        [_token_mean_squares(inputs[k], mask) for k in total.keys]))
     released = total.release(noise_multiplier=noise_multiplier, secure_mode=secure_mode, generator=generator)
     log.info("released input norms of %d layer inputs over %d examples (sigma %.3g)", len(released), total.count,
              noise_multiplier)

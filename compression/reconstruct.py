@@ -28,13 +28,13 @@ def reconstruct(model: nn.Module, masks: dict[str, torch.Tensor], second_moments
     under H, a check that the update helped (1 means no better than zeroing)."""
     params = dict(model.named_parameters())
     ratios = {}
-    cache: dict[int, torch.Tensor] = {}  # query, key and value share one H
+    cache: dict[int, torch.Tensor] = {}  # query, key and value share one H (one storage, also after torch.load)
     for name, mask in masks.items():
         raw = second_moments[name]
-        if id(raw) not in cache:
+        if raw.data_ptr() not in cache:
             h = psd_projection(raw.double())
-            cache[id(raw)] = h + damping * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype)
-        h = cache[id(raw)]
+            cache[raw.data_ptr()] = h + damping * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype)
+        h = cache[raw.data_ptr()]
         w = params[name].data.double()
         new = w * mask.double()
         for r in torch.nonzero((mask == 0).any(dim=1)).flatten().tolist():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.config import StudyConfig
 from compression.prune import stats_stage
+from flows.config import StudyConfig
 from privacy.ledger import StagePlan, plan_lines
 
 

@@ -8,8 +8,8 @@ import json
 
 from prefect import flow
 
-from flows.config import StudyConfig, load_config
 from compression.prune import stats_stage
+from flows.config import StudyConfig, load_config
 from flows.plan import Stage, lines, plan_inputs
 from tasks.budget import plan_privacy
 from tasks.data import prepare_data

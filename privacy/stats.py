@@ -32,43 +32,28 @@ def normalise(chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class GaussianSum:
-    """Accumulates normalised per-example chunks over the whole data set, then releases the sum once with noise.
-
-    keys: a name per chunk, in the order `add` receives them. The noiseless sum is private: only `release`'s
-    output may leave. `release` may be called once (a second call would be a second, unaccounted release).
-    public=True: the data is public (no privacy), and `noiseless` returns the plain sum instead.
-    """
+class _OneRelease:
+    """What both accumulators share: the sums stay inside until one noisy release (or, for public data only,
+    `noiseless`). Subclasses keep `self._sums` (empty until the first `add`) and call `_start_release`."""
 
     def __init__(self, keys: Sequence[str], *, public: bool = False):
         self.keys, self.count, self.public = list(keys), 0, public
-        self._sums: list[torch.Tensor] | None = None
+        self._sums: dict[str, torch.Tensor] = {}
         self._released = False
 
     def noiseless(self) -> dict[str, torch.Tensor]:
         """The plain sum, for public data only (refused unless constructed with public=True)."""
         if not self.public:
             raise PermissionError("the noiseless sum of private data may not leave: use release()")
-        return {k: v.float() for k, v in zip(self.keys, self._sums or [])}
+        return dict(self._sums)
 
-    def add(self, chunks: Sequence[torch.Tensor]) -> None:
-        """Add a batch: chunks[i] is [B, d_i], one row per example, in `keys` order (normalised here)."""
-        if len(chunks) != len(self.keys):
-            raise ValueError(f"expected {len(self.keys)} chunks ({self.keys}), got {len(chunks)}")
-        unit = normalise(chunks)
-        batch = [u.sum(0) for u in unit]
-        self._sums = batch if self._sums is None else [s + b for s, b in zip(self._sums, batch)]
-        self.count += unit[0].shape[0]
-
-    def release(self, *, noise_multiplier: float, secure_mode: bool = False,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The sum plus N(0, noise_multiplier^2) per coordinate (sensitivity 1), as {key: float32 tensor}.
-
-        secure_mode: noise from a generator seeded by the OS (`generator` is then refused).
-        """
+    def _start_release(self, noise_multiplier: float, secure_mode: bool,
+                       generator: torch.Generator | None) -> torch.Generator | None:
+        """Checks (one release, something to release, sigma > 0) and the noise generator: seeded by the OS in
+        secure mode (a passed `generator` is then refused). Marks the release done."""
         if self._released:
-            raise RuntimeError("GaussianSum.release was already called: a second release is not accounted")
-        if self._sums is None:
+            raise RuntimeError(f"{type(self).__name__}.release was already called: a second release is not accounted")
+        if not self._sums:
             raise ValueError("nothing to release: add at least one batch")
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
@@ -77,15 +62,43 @@ class GaussianSum:
                 raise ValueError("secure_mode draws its own noise seed; do not pass a generator")
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         self._released = True
+        return generator
+
+
+class GaussianSum(_OneRelease):
+    """Accumulates normalised per-example chunks over the whole data set, then releases the sum once with noise.
+
+    keys: a name per chunk, in the order `add` receives them. The noiseless sum is private: only `release`'s
+    output may leave. `release` may be called once (a second call would be a second, unaccounted release).
+    public=True: the data is public (no privacy), and `noiseless` returns the plain sum instead.
+    """
+
+    def add(self, chunks: Sequence[torch.Tensor]) -> None:
+        """Add a batch: chunks[i] is [B, d_i], one row per example, in `keys` order (normalised here)."""
+        if len(chunks) != len(self.keys):
+            raise ValueError(f"expected {len(self.keys)} chunks ({self.keys}), got {len(chunks)}")
+        unit = normalise(chunks)
+        for key, u in zip(self.keys, unit):
+            self._sums[key] = self._sums.get(key, 0) + u.sum(0)
+        self.count += unit[0].shape[0]
+
+    def release(self, *, noise_multiplier: float, secure_mode: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The sum plus N(0, noise_multiplier^2) per coordinate (sensitivity 1), as {key: float32 tensor}.
+
+        secure_mode: noise from a generator seeded by the OS (`generator` is then refused).
+        """
+        generator = self._start_release(noise_multiplier, secure_mode, generator)
         out = {}
-        for key, total in zip(self.keys, self._sums):
+        for key in self.keys:
+            total = self._sums[key]
             noise = torch.normal(0.0, noise_multiplier, total.shape, generator=generator, dtype=torch.float64)
             out[key] = (total + noise).float()
-        self._sums = None  # the noiseless sums are gone once released
+        self._sums = {}  # the noiseless sums are gone once released
         return out
 
 
-class SecondMomentSum:
+class SecondMomentSum(_OneRelease):
     """Per-example second moments of token features, summed over the data set and released once with noise.
 
     Each example contributes, for each key (a layer input, [L, d] tokens), the token mean of x x^T over its real
@@ -99,26 +112,15 @@ class SecondMomentSum:
 
     SLACK = 1e-3
 
-    def __init__(self, keys: Sequence[str], *, public: bool = False):
-        self.keys, self.count, self.public = list(keys), 0, public
-        self._sums: dict[str, torch.Tensor] = {}
-        self._released = False
-
-    def noiseless(self) -> dict[str, torch.Tensor]:
-        """The plain sum, for public data only (refused unless constructed with public=True)."""
-        if not self.public:
-            raise PermissionError("the noiseless sum of private data may not leave: use release()")
-        return dict(self._sums)
-
     def add(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
         """inputs[key]: [B, L, d] features of B examples; mask: [B, L], 1 on real tokens (padding is ignored)."""
         if sorted(inputs) != sorted(self.keys):
             raise ValueError(f"expected inputs for {sorted(self.keys)}, got {sorted(inputs)}")
         real = mask.to(torch.float64).unsqueeze(-1)
+        bound = (1 - self.SLACK) / math.sqrt(len(self.keys))
         for key in self.keys:
             x = inputs[key].to(torch.float64) * real
             gram_norm = torch.linalg.matrix_norm(x @ x.transpose(1, 2))  # = ||X^T X||_F, per example
-            bound = (1 - self.SLACK) / math.sqrt(len(self.keys))
             weight = torch.where(gram_norm > 0, bound / gram_norm.clamp_min(1e-300), torch.zeros_like(gram_norm))
             scaled = (x * weight.sqrt()[:, None, None]).flatten(0, 1).float()
             self._sums[key] = self._sums.get(key, 0) + (scaled.T @ scaled).double()
@@ -127,17 +129,7 @@ class SecondMomentSum:
     def release(self, *, noise_multiplier: float, secure_mode: bool = False,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{key: [d, d] symmetric float64}: the sum plus symmetric Gaussian noise of std sigma per entry."""
-        if self._released:
-            raise RuntimeError("SecondMomentSum.release was already called: a second release is not accounted")
-        if not self._sums:
-            raise ValueError("nothing to release: add at least one batch")
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
-        if secure_mode:
-            if generator is not None:
-                raise ValueError("secure_mode draws its own noise seed; do not pass a generator")
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
-        self._released = True
+        generator = self._start_release(noise_multiplier, secure_mode, generator)
         out = {}
         for key in self.keys:
             total = self._sums[key]

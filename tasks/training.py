@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
     ledger, stats = Ledger.load((spent or upstream).ledger_path), {}
     out.mkdir(parents=True, exist_ok=True)
     if schedule.releases_statistics and calibration:
-        stats = _public_statistics(net, calibration, schedule)
+        stats = _public_statistics(net, upstream, calibration, schedule, output_dir)
     elif schedule.releases_statistics:
         ledger, stats = _release_statistics(stage, net, data, schedule, stats_budget, ledger, out,
                                             then=(_sgd_event(train, data, budget), budget), seed=train.seed)
@@ -164,14 +165,24 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                              "distill_alpha": distill_alpha, "rewind": rewind})
 
 
-def _public_statistics(net, calibration: list[DataRef], schedule: PruneConfig) -> dict:
-    """Input statistics summed over public calibration texts: no noise, no ledger entry (no private data is read)."""
-    moments: dict = {}
-    for source in calibration:
-        part = public_second_moments(net, load_encoded(Path(source.path) / "train.pt"), include=schedule.include)
-        shared = {}  # query, key and value share one matrix: add it once
-        for name, value in part.items():
-            moments[name] = shared.setdefault(id(value), moments.get(name, 0) + value)
+def _public_statistics(net, upstream: ModelRef, calibration: list[DataRef], schedule: PruneConfig,
+                       output_dir: str) -> dict:
+    """Input statistics summed over public calibration texts: no noise, no ledger entry (no private data is read).
+    Saved per model and texts, so per-target lines, which all prune the teacher, compute them once."""
+    path = stage_dir(output_dir, "calibration_statistics", {"model": upstream.sha256, "texts": calibration,
+                                                             "include": schedule.include}) / "second_moments.pt"
+    if path.exists():
+        moments = torch.load(path, weights_only=True)
+    else:
+        moments = {}
+        for source in calibration:
+            part = public_second_moments(net, load_encoded(Path(source.path) / "train.pt"), include=schedule.include)
+            shared = {}  # query, key and value share one matrix: add it once
+            for name, value in part.items():
+                moments[name] = shared.setdefault(id(value), moments.get(name, 0) + value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(moments, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
     return {"second_moments": moments, "input_norms": input_norms_from(moments)}
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from compression.activations import _per_example_inputs, dp_input_norms
+from compression.activations import _layer_inputs, dp_input_norms
 from compression.models import build_tiny
 from compression.prune import prunable
 
@@ -57,7 +57,7 @@ def test_query_key_value_share_one_chunk_and_other_inputs_do_not():
     model = build_tiny(num_layers=2, seed=1).eval()
     ids = torch.tensor([[7, 8, 9, 0], [5, 6, 0, 0]])
     mask = (ids != 0).long()
-    chunks, owner = _per_example_inputs(model, INCLUDE, ids, mask, torch.zeros_like(ids))
+    chunks, owner = _layer_inputs(model, INCLUDE, ids, mask, torch.zeros_like(ids))
     layer = "encoder.encoder.layer.0."
     keys = {owner[layer + p + ".weight"] for p in ("attention.self.query", "attention.self.key", "attention.self.value")}
     assert len(keys) == 1

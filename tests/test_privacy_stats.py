@@ -36,7 +36,7 @@ def test_adding_one_example_moves_the_noiseless_sum_by_at_most_one(scale):
     def noiseless(chunks):
         total = GaussianSum(["a", "b"])
         total.add(chunks)
-        return torch.cat(total._sums)
+        return torch.cat(list(total._sums.values()))
 
     with_one = noiseless([torch.cat([b, e]) for b, e in zip(base, extra)])
     assert float((with_one - noiseless(base)).norm()) == pytest.approx(1.0, abs=1e-9)
@@ -48,7 +48,7 @@ def test_release_adds_gaussian_noise_of_std_sigma_per_coordinate():
     chunks = _batch(50, dims=(4000, 6000))
     exact = GaussianSum(["a", "b"])
     exact.add(chunks)
-    expected = torch.cat(exact._sums)
+    expected = torch.cat(list(exact._sums.values()))
     total = GaussianSum(["a", "b"])
     for part in range(0, 50, 16):  # batches add up to the same sum
         total.add([c[part:part + 16] for c in chunks])
