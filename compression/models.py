@@ -89,18 +89,24 @@ class TextClassifier(nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
-        """Run encoder layers `start_layer..` on cached hidden states, pool, and return logits `[B, num_labels]`."""
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
+        """Run encoder layers `start_layer..` on cached hidden states and pool: `[B, H]`."""
         hidden = self.run_layers(hidden, attention_mask, start=start_layer, stop=self.num_layers)
         if self.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        else:
-            pooled = hidden[:, 0]
-        return self.head(self.dropout(pooled))
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return hidden[:, 0]
+
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
+        """Run encoder layers `start_layer..` on cached hidden states, pool, and return logits `[B, num_labels]`."""
+        return self.head(self.dropout(self.pool(hidden, attention_mask, start_layer=start_layer)))
+
+    def features(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """The pooled representation the head reads: `[B, H]`."""
+        return self.pool(self.embed(input_ids, attention_mask, token_type_ids), attention_mask, start_layer=0)
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.classify(self.embed(input_ids, attention_mask, token_type_ids), attention_mask, start_layer=0)
+        return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
 
 
 def load_classifier(name_or_path: str, *, num_labels: int, pooling: str = "mean", dropout: float = 0.1,

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 ORIGINAL_LAYERS = "original_num_hidden_layers"  # encoder config attribute set by the first `remove_layers`
 SCOPES = ("global", "layer")
+DROP_LAYERS = ("score", "top")
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,9 @@ class StructuredConfig:
     rounds: int = 2
     scorer: str = "magnitude"    # key of SCORERS; "taylor" needs privatised grads
     scope: Literal["global", "layer"] = "global"  # heads/neurons: one ranking over all layers, or equal per layer
+    # which layers go: "score" the lowest-scoring, "top" the highest ones (data-free; the best of the layer-dropping
+    # strategies in Sajjad et al., "On the effect of dropping layers of pre-trained transformer models", 2023)
+    drop_layers: Literal["score", "top"] = "score"
 
     def __post_init__(self):
         for name in ("target_layers", "target_heads", "target_ffn"):
@@ -221,6 +225,8 @@ class StructuredConfig:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {self.scorer!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.drop_layers not in DROP_LAYERS:
+            raise ValueError(f"drop_layers must be one of {DROP_LAYERS}, got {self.drop_layers!r}")
 
     def kept_after(self, round_index: int) -> dict[str, float]:
         """Kept fractions `{"layers", "heads", "ffn"}` after round `round_index` (1-based)."""
@@ -260,8 +266,8 @@ def _choose(scores: list[torch.Tensor], per_layer: int, scope: str) -> dict[int,
 def structured_round(model: TextClassifier, config: StructuredConfig, round_index: int,
                      grads: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Round `round_index` (1-based) of `config.rounds`, in place: score every unit once on the model as it enters
-    (`config.scorer`; `grads` as `taylor_scores` takes them), remove the lowest-scoring layers, then the
-    lowest-scoring heads and FFN neurons of the kept layers, down to `round_targets`. Units already gone are not
+    (`config.scorer`; `grads` as `taylor_scores` takes them), remove the lowest-scoring layers (or the top ones:
+    `drop_layers`), then the lowest-scoring heads and FFN neurons of the kept layers, down to `round_targets`. Units already gone are not
     restored: in global scope a later round may end above its head/FFN target if the layers it removes were the
     pruned ones. Returns a JSON-ready report (shapes, targets, parameter counts before and after)."""
     if isinstance(round_index, bool) or not isinstance(round_index, int) or not 1 <= round_index <= config.rounds:
@@ -269,7 +275,10 @@ def structured_round(model: TextClassifier, config: StructuredConfig, round_inde
     before = sum(p.numel() for p in model.parameters())
     scores = SCORERS[config.scorer](model, grads)
     targets = round_targets(model, config, round_index)
-    dropped = sorted(_lowest(scores.layers, model.num_layers - targets["num_layers"]))
+    if config.drop_layers == "top":
+        dropped = list(range(targets["num_layers"], model.num_layers))
+    else:
+        dropped = sorted(_lowest(scores.layers, model.num_layers - targets["num_layers"]))
     kept = [i for i in range(model.num_layers) if i not in dropped]
     if dropped:
         remove_layers(model, dropped)
@@ -279,6 +288,7 @@ def structured_round(model: TextClassifier, config: StructuredConfig, round_inde
     remove_neurons(model, neurons)
     shapes = layer_shapes(model)
     report = {"round": round_index, "rounds": config.rounds, "scorer": config.scorer, "scope": config.scope,
+              "drop_layers": config.drop_layers,
               "targets": targets, "layers_removed": dropped, "layers_kept": kept, "num_layers": model.num_layers,
               "heads": [s["num_heads"] for s in shapes], "ffn": [s["intermediate_size"] for s in shapes],
               "parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters())}

@@ -12,6 +12,7 @@ from compression.data import DataConfig
 from compression.distill import DistillConfig
 from compression.models import ModelConfig
 from compression.prune import PruneConfig
+from compression.public_kd import PublicDistillConfig
 from compression.structured import StructuredConfig
 from compression.train import TrainConfig
 from privacy.config import BudgetConfig
@@ -37,19 +38,32 @@ class PruneSection(_Section):
     # public text (train splits; labels unused) for activation scores and reconstruction, at no privacy cost: one
     # data section or a list of them; None: the private data, through a DP release before each round (`{round}_stats`)
     calibration: list[DataConfig] | None = None
+    # after masking (and reconstruction), every weight trains to mimic the DP teacher on the calibration texts: no
+    # private data, no privacy cost (post-processing of DP releases); then the DP fine-tuning. None: skipped
+    public_distill: PublicDistillConfig | None = None
 
     @field_validator("calibration", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, dict) else value
 
+    @model_validator(mode="after")
+    def _public_distill_needs_texts(self):
+        if self.public_distill is not None and not self.calibration:
+            raise ValueError("prune.public_distill trains on public text: set prune.calibration (one or more data "
+                             "sections of public text)")
+        return self
+
 
 class StructuredSection(_Section):
-    """Structured DPIMP: whole layers, attention heads and FFN neurons removed by weight magnitude, DP fine-tuning
-    after each round. Off by default."""
+    """Structured DPIMP: whole layers (by weight magnitude or the top ones), attention heads and FFN neurons
+    (by weight magnitude) removed, DP fine-tuning after each round (optionally with KD from the DP teacher). Off by
+    default."""
     enabled: bool = False
     schedule: StructuredConfig = StructuredConfig()
     train: TrainConfig = TrainConfig(epochs=1.0)
+    distill_alpha: float = Field(0.0, ge=0, le=1)   # KD weight from the DP teacher in the fine-tuning loss
+    temperature: float = Field(2.0, gt=0)
 
     @field_validator("schedule")
     @classmethod

@@ -36,8 +36,9 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     common = {"output_dir": out, "tracking_uri": uri, "parent_run_id": parent}
     try:
         data = prepare_data(data=cfg.data, tokenizer_name=cfg.model.name_or_path, **common)
-        calibration = None  # public text for pruning statistics
-        if cfg.prune.enabled and cfg.prune.calibration and cfg.prune.schedule.releases_statistics:
+        calibration = None  # public text for pruning statistics and public distillation
+        if cfg.prune.enabled and cfg.prune.calibration and (cfg.prune.schedule.releases_statistics
+                                                            or cfg.prune.public_distill is not None):
             calibration = [prepare_data(stage=f"prepare_calibration_{source.task}", data=source,
                                         tokenizer_name=cfg.model.name_or_path, **common)
                            for source in cfg.prune.calibration]
@@ -92,11 +93,13 @@ def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, b
         return prune_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
                            teacher=teacher, data=data, schedule=p.schedule, train=p.train, budget=budget,
                            distill_alpha=p.distill_alpha, temperature=p.temperature, rewind=p.rewind,
-                           stats_budget=budgets.get(stats_stage(stage.name)), calibration=calibration, **common)
+                           stats_budget=budgets.get(stats_stage(stage.name)), calibration=calibration,
+                           public_distill=p.public_distill, **common)
     if stage.kind == "structured":
+        s = cfg.structured
         return structured_round(stage=stage.name, round_index=stage.round_index, upstream=source, spent=spent,
-                                data=data, schedule=cfg.structured.schedule, train=cfg.structured.train,
-                                budget=budget, **common)
+                                data=data, schedule=s.schedule, train=s.train, budget=budget, teacher=teacher,
+                                distill_alpha=s.distill_alpha, temperature=s.temperature, **common)
     method = dataclasses.replace(cfg.distill.method, init=stage.init) if stage.init else cfg.distill.method
     return distill(stage=stage.name, teacher=teacher, spent=spent, data=data, method=method,
                    train=cfg.distill.train, budget=budget, base_model=cfg.model.name_or_path, **common)

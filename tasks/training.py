@@ -22,6 +22,7 @@ from compression.evaluate import predict
 from compression.models import ModelConfig, load_classifier, load_saved, save_classifier
 from compression.prune import (PruneConfig, load_masks, magnitude_masks, save_masks, sparsity_report,
                                stats_stage)
+from compression.public_kd import PublicDistillConfig, public_distill, public_texts, teacher_targets
 from compression.reconstruct import reconstruct
 from compression.train import TrainConfig, dp_train
 from privacy.accounting import DPEvent, compose_epsilon
@@ -52,8 +53,9 @@ def _progress(stage: str, run: tracking.StageRun, ledger: Ledger, event: DPEvent
     return on_step
 
 
-def _console_progress(stage: str):
-    """An on_step callback for the non-private baseline: steps, loss and ETA on the console only."""
+def _console_progress(stage: str, what: str = "not private"):
+    """An on_step callback for non-DP training (the non-private baseline; distillation on public text): steps, loss
+    and ETA on the console only."""
     logger, began, last = get_run_logger(), time.monotonic(), [0.0]
 
     def on_step(step: int, metrics: dict) -> None:
@@ -61,8 +63,8 @@ def _console_progress(stage: str):
         if step == metrics["num_steps"] or now - last[0] >= 15:
             last[0] = now
             eta = (now - began) / step * (metrics["num_steps"] - step)
-            logger.info("%s: step %d/%d  loss %.4f  (not private)  ETA %ds", stage, step, metrics["num_steps"],
-                        metrics["loss"], eta)
+            logger.info("%s: step %d/%d  loss %.4f  (%s)  ETA %ds", stage, step, metrics["num_steps"],
+                        metrics["loss"], what, eta)
     return on_step
 
 
@@ -122,15 +124,17 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                 train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
                 spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
                 temperature: float = 2.0, rewind: bool = False, stats_budget: StageBudget | None = None,
-                calibration: list[DataRef] | None = None) -> ModelRef:
+                calibration: list[DataRef] | None = None,
+                public_distill: PublicDistillConfig | None = None) -> ModelRef:
     """Prune `upstream` to this round's sparsity, then DP fine-tune (KD from `teacher` when distill_alpha > 0;
     surviving weights reset to the teacher's first when `rewind`). `spent`: the ledger to extend (default upstream).
     Scorer "activation" and reconstruction read input statistics: from public `calibration` texts, or else released
-    from the private data with DP at `stats_budget` (ledger stage `{stage}_stats`)."""
+    from the private data with DP at `stats_budget` (ledger stage `{stage}_stats`). `public_distill`: before the DP
+    fine-tuning, the pruned model mimics the DP teacher on the `calibration` texts (public: no privacy cost)."""
     out = stage_dir(output_dir, stage, {"upstream": upstream, "spent": spent, "teacher": teacher,
                                         "schedule": schedule, "train": train, "budget": budget, "round": round_index,
                                         "kd": [distill_alpha, temperature, rewind], "stats": stats_budget,
-                                        "calibration": calibration})
+                                        "calibration": calibration, "public_distill": public_distill})
     net, tokenizer = load_saved(upstream.path)
     previous = load_masks(upstream.masks_path) if upstream.masks_path else None
     target = schedule.sparsity_after(round_index)
@@ -158,11 +162,45 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
     if schedule.reconstruct:  # post-processing of the released second moments
         errors = reconstruct(net, masks, stats["second_moments"], damping=schedule.reconstruct_damping)
         (out / "reconstruction.json").write_text(json.dumps(errors, indent=2))
+    if public_distill is not None:
+        _distill_on_public(stage, net, teacher or upstream, calibration, public_distill, masks, output_dir, out)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=ledger, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      masks=masks, loss_fn=loss_fn,
                      params={"target_sparsity": target, "schedule": vars(schedule), "mask_sparsity": report["overall"],
-                             "distill_alpha": distill_alpha, "rewind": rewind})
+                             "distill_alpha": distill_alpha, "rewind": rewind,
+                             "public_distill": vars(public_distill) if public_distill else None})
+
+
+def _distill_on_public(stage: str, net, teacher: ModelRef, calibration: list[DataRef] | None,
+                       config: PublicDistillConfig, masks, output_dir: str, out: Path) -> None:
+    """`net` (masks kept) mimics the DP teacher on the public calibration texts: no private example is read, so no
+    ledger entry. The teacher's outputs are saved once per teacher and texts (per-target lines share them)."""
+    if not calibration:
+        raise ValueError(f"{stage}: public_distill needs public calibration texts (prune.calibration)")
+    report, saved = out / "public_distill.json", out / "public_distilled.pt"
+    if saved.exists() and report.exists():  # a rerun of a stage that failed later: the distilled weights are kept
+        net.load_state_dict(torch.load(saved, weights_only=True))
+        return
+    texts = public_texts([load_encoded(Path(source.path) / "train.pt") for source in calibration],
+                         split_pairs=config.split_pairs)
+    path = stage_dir(output_dir, "public_targets", {"teacher": teacher.sha256, "texts": calibration,
+                                                     "split_pairs": config.split_pairs}) / "targets.pt"
+    reference, _ = load_saved(teacher.path)
+    if path.exists():
+        targets = torch.load(path, weights_only=True)
+    else:
+        targets = teacher_targets(reference, texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(targets, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    get_run_logger().info("%s: distilling the DP teacher on %d public texts (no private data, no privacy cost)",
+                          stage, len(texts))
+    result = public_distill(net, reference, texts, config=config, targets=targets, masks=masks,
+                            on_step=_console_progress(stage, "public distillation, no private data"))
+    torch.save(net.state_dict(), saved.with_suffix(".tmp"))
+    os.replace(saved.with_suffix(".tmp"), saved)
+    report.write_text(json.dumps({"num_texts": len(texts), **result, "config": vars(config)}, indent=2))
 
 
 def _public_statistics(net, upstream: ModelRef, calibration: list[DataRef], schedule: PruneConfig,

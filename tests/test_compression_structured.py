@@ -206,6 +206,22 @@ def test_rounds_remove_the_lowest_scoring_layer():
     assert report["heads"] == [HEADS] * 3 and report["ffn"] == [FFN] * 3
 
 
+def test_drop_layers_top_removes_the_highest_layers_whatever_their_scores():
+    model = _tiny(seed=3)
+    with torch.no_grad():
+        for p in model.layers[1].parameters():
+            p.mul_(1e-3)  # the lowest-scoring layer stays: "top" ignores scores
+    reference = [copy.deepcopy(model.layers[i]).state_dict() for i in (0, 1)]
+    config = StructuredConfig(target_layers=0.5, target_heads=1.0, target_ffn=1.0, rounds=2, drop_layers="top")
+    report = structured_round(model, config, 1)
+    assert report["layers_removed"] == [3] and report["drop_layers"] == "top"
+    report = structured_round(model, config, 2)
+    assert report["layers_removed"] == [2] and model.num_layers == 2 and report["layers_kept"] == [0, 1]
+    for layer, state in zip(model.layers, reference):
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, state[name]), name
+
+
 def test_save_and_load_round_trip_a_shrunken_model(tmp_path):
     model = _shrunk(seed=5)
     remove_layers(model, [1])
@@ -270,7 +286,8 @@ def test_bk_dp_step_on_a_shrunken_model_matches_microbatch_oracle(clip):
 
 @pytest.mark.parametrize("field,value", [("target_layers", 0.0), ("target_heads", 1.5), ("target_ffn", -0.1),
                                          ("target_heads", True), ("rounds", 0), ("rounds", 1.5),
-                                         ("scorer", "fisher"), ("scope", "tensor")])
+                                         ("scorer", "fisher"), ("scope", "tensor"),
+                                         ("drop_layers", "bottom")])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         StructuredConfig(**{field: value})

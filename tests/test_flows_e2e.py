@@ -206,21 +206,26 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     rows = study(config_path=str(path))
     by_stage = {r["stage"]: r for r in rows}
     assert list(by_stage) == ["nonprivate_teacher", "teacher", "prune_1", "prune_2", "prune_3", "structured_1",
-                              "structured_2", "distill_every_other", "distill_pretrained", "distill_random"]
+                              "distill_every_other", "distill_pretrained", "distill_random"]
     assert by_stage["nonprivate_teacher"]["epsilon"] == float("inf")
-    for last in ("prune_3", "structured_2", "distill_every_other", "distill_pretrained", "distill_random"):
+    for last in ("prune_3", "structured_1", "distill_every_other", "distill_pretrained", "distill_random"):
         assert by_stage[last]["epsilon"] == pytest.approx(8.0, rel=0.02)  # each line spends the whole budget
         assert by_stage[last]["epsilon"] <= 8.0 * (1 + 1e-6)
     assert by_stage["prune_3"]["sparsity"] == pytest.approx(0.9, abs=0.01)
-    assert by_stage["structured_2"]["parameters"] < by_stage["teacher"]["parameters"]
-    assert by_stage["structured_2"]["line"] == "structured"
+    assert by_stage["structured_1"]["parameters"] < by_stage["teacher"]["parameters"]
+    assert by_stage["structured_1"]["line"] == "structured"
 
     study_dir = tmp_path / "runs" / "paper"
     stage_dirs = {p.name.rsplit("-", 1)[0]: p for p in (study_dir / "stages").iterdir()}
     assert Ledger.load(stage_dirs["prune_1"] / "ledger.json").stage_names() == ["teacher", "prune_1"]  # public text
     assert json.loads((stage_dirs["prune_1"] / "reconstruction.json").read_text())  # per tensor output error ratio
-    ledger = Ledger.load(stage_dirs["structured_2"] / "ledger.json")
-    assert ledger.stage_names() == ["teacher", "structured_1", "structured_2"]  # its own line only
+    distilled = json.loads((stage_dirs["prune_1"] / "public_distill.json").read_text())
+    assert distilled["num_texts"] == 16 + 2 * 16 + 2 * 16 and distilled["num_steps"] >= 1  # pairs split in two
+    ledger = Ledger.load(stage_dirs["structured_1"] / "ledger.json")
+    assert ledger.stage_names() == ["teacher", "structured_1"]  # its own line only
+    structure = json.loads((stage_dirs["structured_1"] / "structure.json").read_text())
+    assert structure["drop_layers"] == "top" and structure["layers_kept"] == [0, 1]  # of 4
+    assert set(structure["heads"]) == {structure["targets"]["heads_per_layer"]}  # full width: no head removed
     for name, folder in stage_dirs.items():  # every private stage wrote its own ledger entry, last
         if name not in ("prepare_data", "nonprivate_teacher") and (folder / "model").exists():
             assert Ledger.load(folder / "ledger.json").stage_names()[-1] == name
@@ -231,9 +236,9 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     footer = (study_dir / "results" / "footer.txt").read_text()
     union = float(footer.split("together: epsilon = ")[1].split()[0])
     assert union > 8.0  # releasing every line's models costs their composition
-    exported = AutoModelForSequenceClassification.from_pretrained(stage_dirs["structured_2"] / "hf",
+    exported = AutoModelForSequenceClassification.from_pretrained(stage_dirs["structured_1"] / "hf",
                                                                   trust_remote_code=True)
-    assert sum(p.numel() for p in exported.parameters()) == by_stage["structured_2"]["parameters"]
+    assert sum(p.numel() for p in exported.parameters()) == by_stage["structured_1"]["parameters"]
     assert json.loads((stage_dirs["prune_3"] / "eval.json").read_text())["sparse_size_bytes"] > 0
 
     client = MlflowClient(mlflow_server)
@@ -249,4 +254,4 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     out = subprocess.run([sys.executable, "-m", "flows.cli", "report", parent.info.run_id, "--tracking-uri",
                           mlflow_server], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
-    assert "| structured_2 | structured |" in out.stdout and "together: epsilon" in out.stdout
+    assert "| structured_1 | structured |" in out.stdout and "together: epsilon" in out.stdout

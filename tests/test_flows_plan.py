@@ -123,3 +123,9 @@ def test_config_errors_name_the_key(tmp_path):
         _cfg(tmp_path, "prune: {train: {trainable_params: weights}}\n")
     with pytest.raises(ConfigError, match="privacy.scope"):
         _cfg(tmp_path, "privacy: {scope: everything}\n")
+    with pytest.raises(ConfigError, match="prune.public_distill.*prune.calibration"):
+        _cfg(tmp_path, "prune: {public_distill: {epochs: 1}}\n")  # public distillation needs public texts
+    with pytest.raises(ConfigError, match="prune.public_distill.*learning_rate"):
+        _cfg(tmp_path, "prune: {public_distill: {learning_rate: 0}, calibration: {task: cola}}\n")
+    with pytest.raises(ConfigError, match="structured.schedule.*drop_layers"):
+        _cfg(tmp_path, "structured: {enabled: true, schedule: {drop_layers: bottom}}\n")
