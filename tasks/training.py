@@ -172,6 +172,13 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                              "public_distill": vars(public_distill) if public_distill else None})
 
 
+def _save(obj, path: Path) -> None:
+    """torch.save, atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def _distill_on_public(stage: str, net, teacher: ModelRef, calibration: list[DataRef] | None,
                        config: PublicDistillConfig, masks, output_dir: str, out: Path) -> None:
     """`net` (masks kept) mimics the DP teacher on the public calibration texts: no private example is read, so no
@@ -191,15 +198,12 @@ def _distill_on_public(stage: str, net, teacher: ModelRef, calibration: list[Dat
         targets = torch.load(path, weights_only=True)
     else:
         targets = teacher_targets(reference, texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(targets, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        _save(targets, path)
     get_run_logger().info("%s: distilling the DP teacher on %d public texts (no private data, no privacy cost)",
                           stage, len(texts))
     result = public_distill(net, reference, texts, config=config, targets=targets, masks=masks,
                             on_step=_console_progress(stage, "public distillation, no private data"))
-    torch.save(net.state_dict(), saved.with_suffix(".tmp"))
-    os.replace(saved.with_suffix(".tmp"), saved)
+    _save(net.state_dict(), saved)
     report.write_text(json.dumps({"num_texts": len(texts), **result, "config": vars(config)}, indent=2))
 
 
@@ -218,9 +222,7 @@ def _public_statistics(net, upstream: ModelRef, calibration: list[DataRef], sche
             shared = {}  # query, key and value share one matrix: add it once
             for name, value in part.items():
                 moments[name] = shared.setdefault(id(value), moments.get(name, 0) + value)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(moments, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        _save(moments, path)
     return {"second_moments": moments, "input_norms": input_norms_from(moments)}
 
 
