@@ -260,26 +260,32 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
     # Sampling must be secret for the accountant's guarantee: in secure mode it is seeded by the OS.
     sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps,
                              seed=secrets.randbits(63) if secure_mode else config.seed)
-    resumed_from = checkpoints.restore(model, private, sampler)
-    model.train()
     began = time.monotonic()
     log.info("DP training: n=%d q=%.4g steps=%d sigma=%.4g C=%g", n, q, steps, noise_multiplier,
              config.max_grad_norm)
-    try:
-        for step, index in enumerate(sampler, start=resumed_from + 1):
-            total = 0.0
-            for chunk in length_chunks(index, lengths, config.physical_batch_size):
-                states, mask = pad([hidden[i] for i in chunk])
-                logits = model.classify(states, mask, start_layer=start)  # hooks live on the submodules
-                losses = loss_fn(logits, labels[chunk], chunk)
-                total += float(losses.detach().sum())
-                private.backward(losses)
-            private.step()
-            apply_masks(model, masks)
-            checkpoints.save(step, model, private, sampler)
-            if on_step:
-                on_step(step, {"loss": total / max(1, len(index)), "batch_size": len(index), "num_steps": steps})
-    finally:
-        private.close()
+    # Dropout draws from the global RNG: seeded from the config outside secure mode, so a stage's result does not
+    # depend on what ran before it in the process; the caller's RNG state is restored afterwards.
+    with torch.random.fork_rng(devices=[]):
+        if not secure_mode:
+            torch.manual_seed(config.seed)
+        resumed_from = checkpoints.restore(model, private, sampler)
+        model.train()
+        try:
+            for step, index in enumerate(sampler, start=resumed_from + 1):
+                total = 0.0
+                for chunk in length_chunks(index, lengths, config.physical_batch_size):
+                    states, mask = pad([hidden[i] for i in chunk])
+                    logits = model.classify(states, mask, start_layer=start)  # hooks live on the submodules
+                    losses = loss_fn(logits, labels[chunk], chunk)
+                    total += float(losses.detach().sum())
+                    private.backward(losses)
+                private.step()
+                apply_masks(model, masks)
+                checkpoints.save(step, model, private, sampler)
+                if on_step:
+                    on_step(step, {"loss": total / max(1, len(index)), "batch_size": len(index),
+                                   "num_steps": steps})
+        finally:
+            private.close()
     return TrainResult(num_steps=steps, sample_rate=q, noise_multiplier=noise_multiplier,
                        seconds=time.monotonic() - began, resumed_from=resumed_from)

@@ -68,6 +68,23 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, optimizer):
     assert not torch.equal(model.head.weight, build_tiny(seed=0).head.weight)  # it did train
 
 
+def test_result_does_not_depend_on_the_callers_rng_and_leaves_it_alone():
+    """Dropout is seeded from the config: what ran before in the process does not change a stage's result."""
+    data = _data()
+    torch.manual_seed(1)
+    first, _, _ = _train(data)
+    second = build_tiny(seed=0)
+    torch.manual_seed(2)
+    torch.rand(1000)
+    state = torch.get_rng_state()
+    dp_train(second, data, noise_multiplier=1.0, config=TrainConfig(
+        epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1, learning_rate=0.5))
+    _assert_same_weights(first, second)
+    assert torch.equal(torch.get_rng_state(), state)
+    other, _, _ = _train(data, seed=1)  # another seed: other batches, noise and dropout
+    assert not torch.equal(other.head.weight, first.head.weight)
+
+
 def test_checkpoint_holds_the_stage_spend(tmp_path):
     data = _data()
     with pytest.raises(Interrupted):
