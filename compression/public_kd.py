@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from compression.models import TextClassifier
-from compression.train import apply_masks, pad
+from compression.train import apply_masks, length_chunks, pad
 
 Text = tuple[torch.Tensor, torch.Tensor]   # (input_ids, token_type_ids), unpadded
 
@@ -78,10 +78,9 @@ def teacher_targets(teacher: TextClassifier, texts: Sequence[Text], *, batch_siz
     """The teacher's pooled representation `[N, H]` and logits `[N, C]` for every text, in input order (eval mode)."""
     teacher.eval()
     lengths = torch.tensor([len(t[0]) for t in texts])
-    order = torch.argsort(lengths, stable=True)
     pooled = torch.empty(len(texts), teacher.head.in_features)
     logits = torch.empty(len(texts), teacher.num_labels)
-    for chunk in order.split(batch_size):
+    for chunk in length_chunks(torch.arange(len(texts)), lengths, batch_size):
         pooled[chunk], logits[chunk] = _outputs(teacher, *_batch([texts[i] for i in chunk]))
     return {"pooled": pooled, "logits": logits}
 

@@ -267,9 +267,10 @@ def structured_round(model: TextClassifier, config: StructuredConfig, round_inde
                      grads: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Round `round_index` (1-based) of `config.rounds`, in place: score every unit once on the model as it enters
     (`config.scorer`; `grads` as `taylor_scores` takes them), remove the lowest-scoring layers (or the top ones:
-    `drop_layers`), then the lowest-scoring heads and FFN neurons of the kept layers, down to `round_targets`. Units already gone are not
-    restored: in global scope a later round may end above its head/FFN target if the layers it removes were the
-    pruned ones. Returns a JSON-ready report (shapes, targets, parameter counts before and after)."""
+    `drop_layers`), then the lowest-scoring heads and FFN neurons of the kept layers, down to `round_targets`.
+    Units already gone are not restored: in global scope a later round may end above its head/FFN target if the
+    layers it removes were the pruned ones. Returns a JSON-ready report (shapes, targets, parameter counts before
+    and after)."""
     if isinstance(round_index, bool) or not isinstance(round_index, int) or not 1 <= round_index <= config.rounds:
         raise ValueError(f"round_index must be in 1..{config.rounds}, got {round_index!r}")
     before = sum(p.numel() for p in model.parameters())

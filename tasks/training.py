@@ -152,18 +152,18 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
                           schedule.scorer, schedule.scope)
     report = sparsity_report(masks)
     (out / "sparsity.json").write_text(json.dumps(report, indent=2))  # per tensor and "overall"
-    loss_fn = None
-    if teacher is not None and (rewind or distill_alpha > 0):
-        reference, _ = load_saved(teacher.path)
-        if rewind:
-            net.load_state_dict(reference.state_dict())  # dp_train multiplies the masks in before training
-        if distill_alpha > 0:
-            loss_fn = _kd_loss(reference, data, alpha=distill_alpha, temperature=temperature)
+    loss_fn, source = None, teacher or upstream  # the model to rewind to and distil from, loaded once
+    from_teacher = teacher is not None and (rewind or distill_alpha > 0)
+    reference = load_saved(source.path)[0] if from_teacher or public_distill is not None else None
+    if from_teacher and rewind:
+        net.load_state_dict(reference.state_dict())  # dp_train multiplies the masks in before training
+    if from_teacher and distill_alpha > 0:
+        loss_fn = _kd_loss(reference, data, alpha=distill_alpha, temperature=temperature)
     if schedule.reconstruct:  # post-processing of the released second moments
         errors = reconstruct(net, masks, stats["second_moments"], damping=schedule.reconstruct_damping)
         (out / "reconstruction.json").write_text(json.dumps(errors, indent=2))
     if public_distill is not None:
-        _distill_on_public(stage, net, teacher or upstream, calibration, public_distill, masks, output_dir, out)
+        _distill_on_public(stage, net, reference, source.sha256, calibration, public_distill, masks, output_dir, out)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=ledger, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      masks=masks, loss_fn=loss_fn,
@@ -179,7 +179,16 @@ def _save(obj, path: Path) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def _distill_on_public(stage: str, net, teacher: ModelRef, calibration: list[DataRef] | None,
+def _cached(path: Path, compute):
+    """What `path` holds, else `compute()`, saved there first (public, per-input caches shared across lines)."""
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    value = compute()
+    _save(value, path)
+    return value
+
+
+def _distill_on_public(stage: str, net, teacher, teacher_sha256: str, calibration: list[DataRef] | None,
                        config: PublicDistillConfig, masks, output_dir: str, out: Path) -> None:
     """`net` (masks kept) mimics the DP teacher on the public calibration texts: no private example is read, so no
     ledger entry. The teacher's outputs are saved once per teacher and texts (per-target lines share them)."""
@@ -191,17 +200,12 @@ def _distill_on_public(stage: str, net, teacher: ModelRef, calibration: list[Dat
         return
     texts = public_texts([load_encoded(Path(source.path) / "train.pt") for source in calibration],
                          split_pairs=config.split_pairs)
-    path = stage_dir(output_dir, "public_targets", {"teacher": teacher.sha256, "texts": calibration,
+    path = stage_dir(output_dir, "public_targets", {"teacher": teacher_sha256, "texts": calibration,
                                                      "split_pairs": config.split_pairs}) / "targets.pt"
-    reference, _ = load_saved(teacher.path)
-    if path.exists():
-        targets = torch.load(path, weights_only=True)
-    else:
-        targets = teacher_targets(reference, texts)
-        _save(targets, path)
+    targets = _cached(path, lambda: teacher_targets(teacher, texts))
     get_run_logger().info("%s: distilling the DP teacher on %d public texts (no private data, no privacy cost)",
                           stage, len(texts))
-    result = public_distill(net, reference, texts, config=config, targets=targets, masks=masks,
+    result = public_distill(net, teacher, texts, config=config, targets=targets, masks=masks,
                             on_step=_console_progress(stage, "public distillation, no private data"))
     _save(net.state_dict(), saved)
     report.write_text(json.dumps({"num_texts": len(texts), **result, "config": vars(config)}, indent=2))
@@ -213,16 +217,16 @@ def _public_statistics(net, upstream: ModelRef, calibration: list[DataRef], sche
     Saved per model and texts, so per-target lines, which all prune the teacher, compute them once."""
     path = stage_dir(output_dir, "calibration_statistics", {"model": upstream.sha256, "texts": calibration,
                                                              "include": schedule.include}) / "second_moments.pt"
-    if path.exists():
-        moments = torch.load(path, weights_only=True)
-    else:
+
+    def compute():
         moments = {}
         for source in calibration:
             part = public_second_moments(net, load_encoded(Path(source.path) / "train.pt"), include=schedule.include)
             shared = {}  # query, key and value share one matrix: add it once
             for name, value in part.items():
                 moments[name] = shared.setdefault(id(value), moments.get(name, 0) + value)
-        _save(moments, path)
+        return moments
+    moments = _cached(path, compute)
     return {"second_moments": moments, "input_norms": input_norms_from(moments)}
 
 
