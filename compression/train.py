@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from compression.models import TextClassifier
 from privacy.checkpoint import TrainingCheckpoint, data_digest, load_checkpoint, save_checkpoint, tensors_digest
 from privacy.engine import PoissonSampler, PrivateModel
+from privacy.noise import make_generator
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
@@ -96,9 +96,9 @@ def pad(sequences: Sequence[torch.Tensor], value=0) -> tuple[torch.Tensor, torch
 
 
 def length_chunks(index: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Split example indices into chunks of similar length (less padding), at most `size` each."""
+    """Split example indices into chunks of similar length (less padding), at most `size` each; none for no index."""
     order = index[torch.argsort(lengths[index], stable=True)]
-    return list(order.split(size))
+    return [chunk for chunk in order.split(size) if len(chunk)]
 
 
 @torch.no_grad()
@@ -162,13 +162,14 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -
 
 
 def _run_settings(model: TextClassifier, data: dict, masks: dict[str, torch.Tensor] | None, *,
-                  config: TrainConfig, noise_multiplier: float, secure_mode: bool) -> dict:
+                  config: TrainConfig, noise_multiplier: float, secure_mode: bool, seeded: bool) -> dict:
     """What a checkpoint must match to be resumed: sigma, q, total steps, n, every hyperparameter but
     `checkpoint_every`, and digests of the data, the starting model (masks applied) and the masks."""
     n = len(data["labels"])
     hyperparameters = {k: v for k, v in vars(config).items() if k != "checkpoint_every"}
     return {"noise_multiplier": float(noise_multiplier), "sample_rate": config.sample_rate(n),
-            "num_steps": config.num_steps(n), "num_examples": n, "secure_mode": secure_mode, **hyperparameters,
+            "num_steps": config.num_steps(n), "num_examples": n, "secure_mode": secure_mode, "seeded": seeded,
+            **hyperparameters,
             "data": data_digest(data), "model": tensors_digest(model.state_dict()),
             "masks": tensors_digest(masks or {})}
 
@@ -176,14 +177,14 @@ def _run_settings(model: TextClassifier, data: dict, masks: dict[str, torch.Tens
 class _Checkpoints:
     """Restores and saves one `dp_train` call's state in a folder (privacy.checkpoint); inert without one.
 
-    Outside secure mode a resumed run is bitwise the uninterrupted one: same batches, noise and dropout
-    (CPU RNG). In secure mode no RNG state is stored and the global RNG, which then makes the noise, is
-    reseeded from the OS on resume, so no noise draw is ever replayed; epsilon is the same either way.
+    A resumed run is bitwise the uninterrupted one: same batches, noise and dropout (CPU RNG). The checkpoint holds
+    the noise and sampler generator states, secrets of the mechanism: the file is owner-only and the caller deletes
+    the folder once the stage's outputs are saved (privacy.checkpoint).
     """
 
-    def __init__(self, directory: str | Path | None, *, every: int, settings: dict | None, secure_mode: bool):
+    def __init__(self, directory: str | Path | None, *, every: int, settings: dict | None):
         self.directory = Path(directory) if directory is not None else None
-        self.every, self.settings, self.secure_mode = every, settings, secure_mode
+        self.every, self.settings = every, settings
 
     def restore(self, model: TextClassifier, private: PrivateModel, sampler: PoissonSampler) -> int:
         """Load a matching checkpoint into model, optimizer, sampler and RNGs; return its step (0: none)."""
@@ -200,11 +201,8 @@ class _Checkpoints:
                 params[name].copy_(value)
         private.optimizer.load_state_dict(checkpoint.optimizer)
         sampler.load_state_dict(checkpoint.sampler)
-        if self.secure_mode:
-            torch.seed()
-        else:
-            private.noise_generator.set_state(checkpoint.noise_generator)
-            torch.set_rng_state(checkpoint.torch_rng)
+        private.noise_generator.set_state(checkpoint.noise_generator)
+        torch.set_rng_state(checkpoint.torch_rng)
         log.info("resuming DP training at step %d/%d from %s", checkpoint.step, sampler.num_steps, self.directory)
         return checkpoint.step
 
@@ -212,20 +210,18 @@ class _Checkpoints:
         """Checkpoint after `step` if it is a multiple of `checkpoint_every` or the last step."""
         if self.directory is None or (step % self.every and step != sampler.num_steps):
             return
-        secret = self.secure_mode  # secure mode: store no RNG state from which noise could be recomputed
         save_checkpoint(self.directory, TrainingCheckpoint(
             step=step, settings=self.settings, sampler=sampler.state_dict(),
             parameters={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             optimizer=private.optimizer.state_dict(),
-            noise_generator=None if secret else private.noise_generator.get_state(),
-            torch_rng=None if secret else torch.get_rng_state(),
+            noise_generator=private.noise_generator.get_state(), torch_rng=torch.get_rng_state(),
             history=[(self.settings["noise_multiplier"], self.settings["sample_rate"], step)]))
 
 
 def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_multiplier: float,
              loss_fn: LossFn | None = None, masks: dict[str, torch.Tensor] | None = None,
              on_step: Callable[[int, dict], None] | None = None, secure_mode: bool = False,
-             checkpoint_dir: str | Path | None = None) -> TrainResult:
+             noise_seed: int | None = None, checkpoint_dir: str | Path | None = None) -> TrainResult:
     """Train `model` in place with DP-SGD/DP-AdamW for `config.num_steps(n)` Poisson-sampled steps.
 
     Args:
@@ -233,9 +229,13 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
         noise_multiplier: sigma, calibrated by the caller against the study budget.
         loss_fn: per-example loss `(logits, labels, example_index) -> [B]`; default: the task loss.
         masks: parameter name -> {0,1} mask; masked weights are zero before and after every step.
-        on_step: called as `on_step(step, {"loss": ..., "batch_size": ...})` after each step (loss is local
-            progress information computed on private data: never send it to a tracking server). It must not
-            draw from torch's global RNG. After a resume, steps continue from the checkpoint's step.
+        on_step: called as `on_step(step, {"loss": ..., "batch_size": ...})` after each step (loss and batch size
+            are computed on private data: local console progress only, never a tracking server, Prefect's logs or an
+            exported file). It must not draw from torch's global RNG. After a resume, steps continue from the
+            checkpoint's step.
+        secure_mode: Opacus' secure Gaussian sampling (privacy.noise).
+        noise_seed: None (the default): the noise and the Poisson sampling draw from generators seeded by the OS.
+            An int seeds both (TEST MODE: the run is reproducible and has no DP guarantee).
         checkpoint_dir: folder for crash-safe checkpoints, saved every `config.checkpoint_every` steps and
             after the last, before `on_step`. A checkpoint there with the same settings (`_run_settings`) is
             resumed; the run ends as an uninterrupted one would, with the same steps and sigma. The caller
@@ -249,25 +249,24 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, noise_mu
     start = configure_trainable(model, config.trainable_layers, config.trainable_params)
     directory = checkpoint_dir if config.checkpoint_every else None
     settings = None if directory is None else _run_settings(
-        model, data, masks, config=config, noise_multiplier=noise_multiplier, secure_mode=secure_mode)
-    checkpoints = _Checkpoints(directory, every=config.checkpoint_every, settings=settings, secure_mode=secure_mode)
+        model, data, masks, config=config, noise_multiplier=noise_multiplier, secure_mode=secure_mode,
+        seeded=noise_seed is not None)
+    checkpoints = _Checkpoints(directory, every=config.checkpoint_every, settings=settings)
     hidden = cache_prefix(model, data, num_layers=start)
     lengths = torch.tensor([len(h) for h in hidden])
     private = PrivateModel(model, make_optimizer(model, config), noise_multiplier=noise_multiplier,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                            mode=config.engine, clipping=config.clipping, secure_mode=secure_mode,
-                           seed=config.seed + 1)
-    # Sampling must be secret for the accountant's guarantee: in secure mode it is seeded by the OS.
-    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps,
-                             seed=secrets.randbits(63) if secure_mode else config.seed)
+                           generator=make_generator(None if noise_seed is None else noise_seed + 1))
+    # Sampling must be secret for the accountant's guarantee: seeded by the OS unless in the seeded test mode.
+    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps, seed=noise_seed)
     began = time.monotonic()
     log.info("DP training: n=%d q=%.4g steps=%d sigma=%.4g C=%g", n, q, steps, noise_multiplier,
              config.max_grad_norm)
-    # Dropout draws from the global RNG: seeded from the config outside secure mode, so a stage's result does not
-    # depend on what ran before it in the process; the caller's RNG state is restored afterwards.
+    # Dropout draws from the global RNG, seeded from the config (dropout is not part of the mechanism), so a stage's
+    # result does not depend on what ran before it in the process; the caller's RNG state is restored afterwards.
     with torch.random.fork_rng(devices=[]):
-        if not secure_mode:
-            torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)
         resumed_from = checkpoints.restore(model, private, sampler)
         model.train()
         try:

@@ -115,7 +115,10 @@ class BookKeeping:
         sq_norms = {p: sq for cap in captures for p, sq in cap.sq_norms.items()}
         batch = len(loss_per_example)
         total = loss_per_example.new_zeros(batch)
-        for sq in sq_norms.values():
+        for p, sq in sq_norms.items():
+            if sq.shape != (batch,):  # a [1] norm would silently broadcast one example's norm to the whole chunk
+                raise RuntimeError(f"bk: a per-example norm of shape {tuple(sq.shape)} for a parameter of shape "
+                                   f"{tuple(p.shape)}; expected [{batch}] (one per example)")
             total = total + sq.detach().to(total)
         self._last_norms = total.sqrt()
         factors = self._clip_factors(sq_norms)

@@ -34,13 +34,14 @@ class TrainingCheckpoint:
     parameters: name -> value of the trainable parameters (frozen ones are covered by the model digest).
     optimizer: the wrapped optimizer's `state_dict()` (momentum buffers, Adam moments).
     sampler: `PoissonSampler.state_dict()`: its step and generator state.
-    noise_generator, torch_rng: states of the noise generator and of torch's global CPU RNG (dropout). Both
-        are None in secure mode, where noise must not be reproducible from anything stored.
+    noise_generator, torch_rng: states of the noise generator and of torch's global CPU RNG (dropout). The noise
+        and sampler states are the secret seeds of the mechanism: they exist only here, never in a release.
     history: the accountant history spent so far in this stage, `[(noise_multiplier, sample_rate, num_steps)]`.
 
     Assumptions: the file is internal state of the mechanism, never a release. It is as sensitive as a
     model trained on the private data, and more: with the noise generator's state the noise of later steps
-    could be recomputed and subtracted from a released model. Delete it once the stage's outputs are saved.
+    could be recomputed and subtracted from a released model. It is written owner-only (0600, in a 0700 folder);
+    delete it once the stage's outputs are saved.
     """
 
     step: int
@@ -87,9 +88,11 @@ def data_digest(data: Mapping[str, Sequence]) -> str:
 
 def save_checkpoint(directory: str | os.PathLike, checkpoint: TrainingCheckpoint) -> Path:
     """Write `checkpoint` to `directory/checkpoint.pt` atomically: a temp file in the same folder, fsync,
-    `os.replace`, fsync of the folder. A crash at any point leaves the previous checkpoint or the new one."""
+    `os.replace`, fsync of the folder. A crash at any point leaves the previous checkpoint or the new one. The folder
+    is made owner-only (0700) and the file is created 0600 (mkstemp): it holds the noise generator's state."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
     payload = {"format": FORMAT, **{f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)}}
     fd, temp = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
     try:

@@ -53,3 +53,4 @@ class StageBudget:
     delta: float
     accountant: str = "prv"
     secure_mode: bool = False
+    seeded: bool = False    # test mode: noise and sampling reproducible from the config, NO guarantee

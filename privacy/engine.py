@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Iterator
 from typing import Literal
 
@@ -21,6 +20,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from privacy.bk import BookKeeping
+from privacy.noise import make_generator
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ class PoissonSampler:
     exactly the batches an uninterrupted one would. One pass: iteration continues from `step` to `num_steps`.
     """
 
-    def __init__(self, *, num_examples: int, sample_rate: float, num_steps: int, seed: int, start_step: int = 0):
-        """`start_step` > 0 replays (and discards) the first `start_step` draws from `seed`."""
+    def __init__(self, *, num_examples: int, sample_rate: float, num_steps: int, seed: int | None = None,
+                 start_step: int = 0):
+        """`seed` None (the default) seeds the draws from the OS: the batches must stay secret for the guarantee.
+        `start_step` > 0 replays (and discards) the first `start_step` draws from `seed`."""
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if not 0 <= start_step <= num_steps:
             raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
         self.num_examples, self.sample_rate, self.num_steps = num_examples, sample_rate, num_steps
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = make_generator(seed)
         self.step = 0  # steps drawn so far
         while self.step < start_step:
             self._draw()
@@ -77,14 +79,16 @@ class PrivateModel:
             book-keeping (privacy.bk), one backward, Linear/Embedding/LayerNorm parameters only.
         clipping: "flat" bounds each example's whole gradient by `max_grad_norm` (C); "per_layer" bounds each of
             the L trainable parameter tensors by C / sqrt(L) (total still <= C). Not with mode="ghost".
-        secure_mode: noise robust to floating-point attacks (Opacus), from a generator seeded by the OS;
-            `seed` is then ignored.
-        seed: seed of the noise generator (reproducible runs); None draws from torch's default generator.
+        secure_mode: Opacus' secure Gaussian sampling (robust to floating-point attacks on the noise).
+        generator: the noise generator; None (the default) seeds a fresh one from the OS. Pass one only to resume
+            a stream (its state from a checkpoint) or in tests: noise reproducible from anything public voids the
+            guarantee.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, mode: Literal["ghost", "hooks", "bk"] = "ghost",
-                 clipping: Literal["flat", "per_layer"] = "flat", secure_mode: bool = False, seed: int | None = None):
+                 clipping: Literal["flat", "per_layer"] = "flat", secure_mode: bool = False,
+                 generator: torch.Generator | None = None):
         if noise_multiplier < 0 or max_grad_norm <= 0:
             raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
         if mode not in _BACKENDS:
@@ -93,11 +97,8 @@ class PrivateModel:
             raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
         if mode == "ghost" and clipping != "flat":
             raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bk' for per_layer")
-        # secure_mode: seeded from the OS, never from the (public) config; torchcsprng has no build for this torch.
-        if secure_mode:
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
-        else:
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # Seeded from the OS, never from the (public) config; torchcsprng has no build for this torch.
+        generator = generator if generator is not None else make_generator()
         self.mode, self.clipping = mode, clipping
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self._backend = _BACKENDS[mode](module, optimizer, noise_multiplier=noise_multiplier,
@@ -106,7 +107,7 @@ class PrivateModel:
         self.module, self.optimizer = self._backend.module, self._backend.optimizer
 
     @property
-    def noise_generator(self) -> torch.Generator | None:
+    def noise_generator(self) -> torch.Generator:
         return self._backend.generator
 
     def backward(self, loss_per_example: torch.Tensor) -> None:

@@ -9,10 +9,11 @@ which is the sensitivity; the release adds N(0, noise_multiplier^2) to every coo
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
 
 import torch
+
+from privacy.noise import gaussian, make_generator
 
 
 def normalise(chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -49,20 +50,18 @@ class _OneRelease:
 
     def _start_release(self, noise_multiplier: float, secure_mode: bool,
                        generator: torch.Generator | None) -> torch.Generator | None:
-        """Checks (one release, something to release, sigma > 0) and the noise generator: seeded by the OS in
-        secure mode (a passed `generator` is then refused). Marks the release done."""
+        """Checks (one release, something to release, sigma > 0) and the noise generator: `generator` if given (tests,
+        the seeded test mode), else a fresh one seeded by the OS. Marks the release done."""
         if self._released:
             raise RuntimeError(f"{type(self).__name__}.release was already called: a second release is not accounted")
         if not self._sums:
             raise ValueError("nothing to release: add at least one batch")
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
-        if secure_mode:
-            if generator is not None:
-                raise ValueError("secure_mode draws its own noise seed; do not pass a generator")
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode draws its own noise seed; do not pass a generator")
         self._released = True
-        return generator
+        return generator if generator is not None else make_generator()
 
 
 class GaussianSum(_OneRelease):
@@ -86,13 +85,14 @@ class GaussianSum(_OneRelease):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The sum plus N(0, noise_multiplier^2) per coordinate (sensitivity 1), as {key: float32 tensor}.
 
-        secure_mode: noise from a generator seeded by the OS (`generator` is then refused).
+        generator: None (the default) draws the noise from a generator seeded by the OS; pass one only in tests or in
+            the seeded test mode (no guarantee). secure_mode refuses a passed generator.
         """
         generator = self._start_release(noise_multiplier, secure_mode, generator)
         out = {}
         for key in self.keys:
             total = self._sums[key]
-            noise = torch.normal(0.0, noise_multiplier, total.shape, generator=generator, dtype=torch.float64)
+            noise = gaussian(tuple(total.shape), std=noise_multiplier, generator=generator, secure_mode=secure_mode)
             out[key] = (total + noise).float()
         self._sums = {}  # the noiseless sums are gone once released
         return out
@@ -133,7 +133,7 @@ class SecondMomentSum(_OneRelease):
         out = {}
         for key in self.keys:
             total = self._sums[key]
-            noise = torch.normal(0.0, noise_multiplier, total.shape, generator=generator, dtype=torch.float64)
+            noise = gaussian(tuple(total.shape), std=noise_multiplier, generator=generator, secure_mode=secure_mode)
             upper = noise.triu()
             out[key] = total + upper + upper.triu(1).T
         self._sums = {}

@@ -87,7 +87,8 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
         encoded = load_encoded(Path(data.path) / "train.pt")
         dp_train(model, encoded, config=train, noise_multiplier=event.noise_multiplier, masks=masks,
                  loss_fn=loss_fn, on_step=_progress(stage, run, ledger, event, budget),
-                 secure_mode=budget.secure_mode, checkpoint_dir=out / "checkpoint")
+                 secure_mode=budget.secure_mode, noise_seed=train.seed if budget.seeded else None,
+                 checkpoint_dir=out / "checkpoint")
         ledger = ledger.append(LedgerEntry(
             stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
             num_steps=event.num_steps, max_grad_norm=train.max_grad_norm, epsilon_after=epsilon,
@@ -250,8 +251,8 @@ def _release_statistics(stage, net, data: DataRef, schedule: PruneConfig, budget
     if saved.exists():
         return ledger, torch.load(saved, weights_only=True)
     kwargs = {"include": schedule.include, "noise_multiplier": budget.noise_multiplier,
-              "secure_mode": budget.secure_mode,
-              "generator": None if budget.secure_mode else torch.Generator().manual_seed(seed)}
+              "secure_mode": budget.secure_mode,  # noise from the OS unless in the seeded test mode
+              "generator": torch.Generator().manual_seed(seed) if budget.seeded else None}
     train_data = load_encoded(Path(data.path) / "train.pt")
     if schedule.reconstruct:
         moments = dp_second_moments(net, train_data, **kwargs)

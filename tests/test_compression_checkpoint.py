@@ -32,8 +32,11 @@ def _data(n=64, seed=0):
             "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def _train(data, *, checkpoint_dir=None, stop_at=None, sigma=1.0, optimizer="sgd", seed=0, secure_mode=False):
-    """Train a tiny model (dropout on) for 12 steps; raise from on_step at `stop_at`. Returns (model, result, steps)."""
+def _train(data, *, checkpoint_dir=None, stop_at=None, sigma=1.0, optimizer="sgd", seed=0, secure_mode=False,
+           noise_seed=None):
+    """Train a tiny model (dropout on) for 12 steps; raise from on_step at `stop_at`. Returns (model, result, steps).
+    Noise and sampling are secret (OS-seeded) unless `noise_seed` is given; tests that compare two runs fix
+    the secret seeds with the `fixed_secrets` fixture."""
     model = build_tiny(seed=0)
     config = TrainConfig(epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1, optimizer=optimizer,
                          learning_rate=0.5, checkpoint_every=2, seed=seed)
@@ -45,7 +48,7 @@ def _train(data, *, checkpoint_dir=None, stop_at=None, sigma=1.0, optimizer="sgd
             raise Interrupted
 
     result = dp_train(model, data, config=config, noise_multiplier=sigma, on_step=on_step,
-                      checkpoint_dir=checkpoint_dir, secure_mode=secure_mode)
+                      checkpoint_dir=checkpoint_dir, secure_mode=secure_mode, noise_seed=noise_seed)
     return model, result, seen
 
 
@@ -55,13 +58,20 @@ def _assert_same_weights(a, b):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.fixture
+def fixed_secrets(monkeypatch):
+    """The OS entropy behind noise and sampling, made constant so that two runs can be compared bitwise."""
+    monkeypatch.setattr("privacy.noise.secret_seed", lambda: 20261201)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_interrupted_run_resumes_bitwise_equal(tmp_path, optimizer):
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_interrupted_run_resumes_bitwise_equal(tmp_path, optimizer, secure_mode, fixed_secrets):
     data = _data()
-    expected, full, _ = _train(data, optimizer=optimizer)
+    expected, full, _ = _train(data, optimizer=optimizer, secure_mode=secure_mode)
     with pytest.raises(Interrupted):  # step 5 is lost: the last checkpoint is after step 4
-        _train(data, checkpoint_dir=tmp_path, stop_at=5, optimizer=optimizer)
-    model, result, seen = _train(data, checkpoint_dir=tmp_path, optimizer=optimizer)
+        _train(data, checkpoint_dir=tmp_path, stop_at=5, optimizer=optimizer, secure_mode=secure_mode)
+    model, result, seen = _train(data, checkpoint_dir=tmp_path, optimizer=optimizer, secure_mode=secure_mode)
     assert result.resumed_from == 4 and seen == list(range(5, full.num_steps + 1))
     assert result.num_steps == full.num_steps == 12
     _assert_same_weights(model, expected)
@@ -72,16 +82,16 @@ def test_result_does_not_depend_on_the_callers_rng_and_leaves_it_alone():
     """Dropout is seeded from the config: what ran before in the process does not change a stage's result."""
     data = _data()
     torch.manual_seed(1)
-    first, _, _ = _train(data)
+    first, _, _ = _train(data, noise_seed=0)
     second = build_tiny(seed=0)
     torch.manual_seed(2)
     torch.rand(1000)
     state = torch.get_rng_state()
-    dp_train(second, data, noise_multiplier=1.0, config=TrainConfig(
+    dp_train(second, data, noise_multiplier=1.0, noise_seed=0, config=TrainConfig(
         epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1, learning_rate=0.5))
     _assert_same_weights(first, second)
     assert torch.equal(torch.get_rng_state(), state)
-    other, _, _ = _train(data, seed=1)  # another seed: other batches, noise and dropout
+    other, _, _ = _train(data, seed=1, noise_seed=1)  # another seed: other batches, noise and dropout
     assert not torch.equal(other.head.weight, first.head.weight)
 
 
@@ -97,13 +107,31 @@ def test_checkpoint_holds_the_stage_spend(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temp file
 
 
-def test_secure_mode_stores_no_rng_state_and_resumes(tmp_path):
+def test_noise_and_batches_are_secret_by_default_and_seeded_only_on_request():
+    """Two runs of one config differ (noise and Poisson batches come from the OS, not from `seed`); the seeded test
+    mode is reproducible. Seeding the mechanism from the config would fail the first assertion."""
+    data = _data()
+    batches = [[], []]
+    for seen in batches:
+        model = build_tiny(seed=0)
+        dp_train(model, data, noise_multiplier=1.0, on_step=lambda step, m, seen=seen: seen.append(m["batch_size"]),
+                 config=TrainConfig(epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1))
+        seen.append(model.head.weight.detach().clone())
+    assert not torch.equal(batches[0][-1], batches[1][-1])
+    assert batches[0][:-1] != batches[1][:-1]  # 12 Poisson batch sizes: equal by chance with negligible probability
+    seeded = [_train(data, noise_seed=3)[0] for _ in range(2)]
+    _assert_same_weights(*seeded)
+
+
+def test_checkpoint_is_owner_only_and_deleted_state_is_the_only_copy(tmp_path):
     data = _data()
     with pytest.raises(Interrupted):
-        _train(data, checkpoint_dir=tmp_path, stop_at=5, secure_mode=True)
-    payload = torch.load(tmp_path / FILE_NAME, weights_only=True)
-    assert payload["step"] == 4 and payload["noise_generator"] is None and payload["torch_rng"] is None
-    _, result, seen = _train(data, checkpoint_dir=tmp_path, secure_mode=True)
+        _train(data, checkpoint_dir=tmp_path / "ckpt", stop_at=5, secure_mode=True)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "ckpt" / FILE_NAME).stat().st_mode & 0o777 == 0o600
+    payload = torch.load(tmp_path / "ckpt" / FILE_NAME, weights_only=True)
+    assert payload["step"] == 4 and payload["noise_generator"] is not None  # the secret state, to resume exactly
+    _, result, seen = _train(data, checkpoint_dir=tmp_path / "ckpt", secure_mode=True)
     assert result.resumed_from == 4 and seen == list(range(5, 13))
 
 
@@ -111,8 +139,8 @@ def test_secure_mode_stores_no_rng_state_and_resumes(tmp_path):
 def test_checkpoint_of_other_settings_is_not_used(tmp_path, caplog, change):
     data = _data()
     with pytest.raises(Interrupted):
-        _train(data, checkpoint_dir=tmp_path, stop_at=5)
-    other = {"sigma": {"sigma": 2.0}, "seed": {"seed": 1}, "data": {}}[change]
+        _train(data, checkpoint_dir=tmp_path, stop_at=5, noise_seed=0)
+    other = {"sigma": {"sigma": 2.0}, "seed": {"seed": 1}, "data": {}}[change] | {"noise_seed": 0}
     if change == "data":
         data = {**data, "labels": 1 - data["labels"]}
     expected, _, _ = _train(data, **other)
@@ -126,9 +154,9 @@ def test_checkpoint_of_other_settings_is_not_used(tmp_path, caplog, change):
 def test_unreadable_checkpoint_is_ignored(tmp_path, caplog):
     data = _data()
     (tmp_path / FILE_NAME).write_bytes(b"not a checkpoint")
-    expected, _, _ = _train(data)
+    expected, _, _ = _train(data, noise_seed=0)
     with caplog.at_level(logging.WARNING, logger="privacy.checkpoint"):
-        model, result, _ = _train(data, checkpoint_dir=tmp_path)
+        model, result, _ = _train(data, checkpoint_dir=tmp_path, noise_seed=0)
     assert result.resumed_from == 0 and "unreadable" in caplog.text
     _assert_same_weights(model, expected)
 
@@ -170,7 +198,8 @@ def on_step(step, metrics):
 
 if sys.argv[4:] == ["wait"]:  # imported and ready; train once the test says so
     sys.stdin.readline()
-result = dp_train(model, data, config=config, noise_multiplier=1.1, on_step=on_step, checkpoint_dir=checkpoint_dir)
+result = dp_train(model, data, config=config, noise_multiplier=1.1, on_step=on_step, checkpoint_dir=checkpoint_dir,
+                  noise_seed=5)  # the seeded test mode: the killed-and-resumed run is compared to a full one
 torch.save(model.state_dict(), weights)
 history = torch.load(checkpoint_dir / FILE_NAME, weights_only=True)["history"]
 events = [DPEvent(noise_multiplier=s, sample_rate=q, num_steps=k) for s, q, k in history]

@@ -86,7 +86,7 @@ def test_noise_has_std_sigma_times_clip_over_batch():
     before = [p.detach().clone() for p in params]
     sigma, clip, batch = 1.7, 0.3, 4
     private = PrivateModel(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
-                           expected_batch_size=batch, seed=0)
+                           expected_batch_size=batch, generator=torch.Generator().manual_seed(0))
     ids, _ = _batch(n=batch)
     private.backward(_forward(model, ids).sum(-1) * 0.0)  # zero loss: the update is pure noise
     private.step()
@@ -103,9 +103,46 @@ def test_empty_batch_still_takes_a_noise_step():
     configure_trainable(model, 0)
     before = model.head.weight.detach().clone()
     private = PrivateModel(model, torch.optim.SGD(model.head.parameters(), lr=1.0), noise_multiplier=1.0,
-                           max_grad_norm=1.0, expected_batch_size=2, seed=0)
+                           max_grad_norm=1.0, expected_batch_size=2)
     private.step()
     assert not torch.equal(before, model.head.weight.detach())
+
+
+def _random_data(n, seed=0):
+    ids, labels = _batch(n=n, seed=seed)
+    return {"input_ids": [x.tolist() for x in ids], "token_type_ids": [[0] * len(x) for x in ids], "labels": labels}
+
+
+def test_realised_batch_sizes_match_the_accounted_sample_rate():
+    """Over a run of dp_train, the examples drawn add up to q * n * steps within 4.5 standard deviations (a sum of
+    n * steps Bernoulli(q) draws); sampling at another rate than the accountant's q fails here."""
+    n, config = 1000, TrainConfig(epochs=1, batch_size=50, physical_batch_size=64, trainable_layers=0)
+    q, steps = config.sample_rate(n), config.num_steps(n)
+    sizes = []
+    dp_train(build_tiny(seed=7), _random_data(n, seed=7), config=config, noise_multiplier=1.0,
+             on_step=lambda step, metrics: sizes.append(metrics["batch_size"]))
+    assert len(sizes) == steps == 20
+    mean, sd = q * n * steps, (n * steps * q * (1 - q)) ** 0.5
+    assert abs(sum(sizes) - mean) <= 4.5 * sd, (sum(sizes), mean, sd)
+    assert len(set(sizes)) > 3  # Poisson: the batch size varies
+
+
+def test_empty_poisson_batches_take_noise_only_steps():
+    """At q = 1/400 about a third of the draws are empty; each is a step of noise alone (not skipped, not redrawn:
+    the accountant counts every step at rate q)."""
+    model = build_tiny(seed=8)
+    heads, sizes = [], []
+
+    def on_step(step, metrics):
+        sizes.append(metrics["batch_size"])
+        heads.append(model.head.weight.detach().clone())
+
+    config = TrainConfig(epochs=0.05, batch_size=1, physical_batch_size=8, trainable_layers=0)
+    dp_train(model, _random_data(400, seed=8), config=config, noise_multiplier=1.0, on_step=on_step)
+    assert len(sizes) == config.num_steps(400) == 20 and 0 in sizes
+    first_empty = sizes.index(0)
+    previous = heads[first_empty - 1] if first_empty else None
+    assert previous is None or not torch.equal(previous, heads[first_empty])  # the noise moved the weights
 
 
 def test_poisson_sampler_rate_and_reproducibility():

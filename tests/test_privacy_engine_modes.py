@@ -131,7 +131,7 @@ def test_noise_has_std_sigma_times_clip_over_batch(mode, clipping, secure_mode):
     before = [p.detach().clone() for p in params]
     sigma, clip, batch = 1.7, 0.3, 4
     private = _private(model, mode, clipping, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch,
-                       seed=0, secure_mode=secure_mode)
+                       generator=torch.Generator().manual_seed(0), secure_mode=secure_mode)
     ids, _ = _batch(n=batch)
     private.backward(_forward(model, ids).sum(-1) * 0.0)  # zero loss: the update is pure noise
     private.step()
@@ -142,13 +142,40 @@ def test_noise_has_std_sigma_times_clip_over_batch(mode, clipping, secure_mode):
     assert abs(float(noise.mean())) < 4 * expected / n**0.5
 
 
+@pytest.mark.parametrize("params", ["all", "bias_norm"])
+@pytest.mark.parametrize("mode,clipping", MODES_CLIPPINGS)
+def test_every_parameter_tensor_gets_noise_of_std_sigma_times_clip(mode, clipping, params):
+    """Per tensor, not pooled: 60 noise-only steps give every trainable tensor (a 2-entry head bias too) >= 120
+    draws, so a tensor left without noise, or with the wrong scale, fails here. Relative error of a sample std from
+    N draws is ~1/sqrt(2N); the tolerance is six of those."""
+    model = build_tiny(hidden_size=32, intermediate_size=64, seed=3)
+    configure_trainable(model, 2, params)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sigma, clip, batch, steps = 1.7, 0.3, 4, 60
+    private = _private(model, mode, clipping, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch)
+    draws = {n: [] for n in trainable}
+    for _ in range(steps):  # an empty logical batch: the update is the noise alone
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        private.step()
+        for n, p in trainable.items():
+            draws[n].append((before[n] - p.detach()).flatten())
+    private.close()
+    expected = sigma * clip / batch
+    assert any(p.dim() == 1 for p in trainable.values())
+    for name, parts in draws.items():
+        noise = torch.cat(parts)
+        tolerance = 6 / (2 * noise.numel()) ** 0.5
+        assert float(noise.pow(2).mean().sqrt()) == pytest.approx(expected, rel=tolerance), name
+
+
 @pytest.mark.parametrize("mode,clipping", MODES_CLIPPINGS)
 def test_seeded_noise_is_reproducible_and_empty_batch_steps(mode, clipping):
     updates = []
     for _ in range(2):
         model = _model("tiny")
         before = model.head.weight.detach().clone()
-        private = _private(model, mode, clipping, noise_multiplier=1.0, expected_batch_size=2, seed=7)
+        private = _private(model, mode, clipping, noise_multiplier=1.0, expected_batch_size=2,
+                           generator=torch.Generator().manual_seed(7))
         private.step()  # an empty logical batch still takes a noise-only step
         updates.append(before - model.head.weight.detach())
     assert float(updates[0].abs().sum()) > 0
@@ -168,7 +195,7 @@ def test_masked_weights_stay_exactly_zero_through_noisy_steps(mode, clipping):
     input_ids, mask = pad(ids)
     with torch.no_grad():
         hidden = model.embed(input_ids, mask, torch.zeros_like(input_ids), num_layers=start)
-    private = _private(model, mode, clipping, noise_multiplier=2.0, expected_batch_size=8, seed=1)
+    private = _private(model, mode, clipping, noise_multiplier=2.0, expected_batch_size=8)
     for _ in range(3):
         for chunk in (slice(0, 5), slice(5, 8)):  # the loop calls classify on the unwrapped model
             logits = model.classify(hidden[chunk], mask[chunk], start_layer=start)
@@ -237,3 +264,21 @@ def test_ghost_norm_rule_picks_the_cheaper_shape():
     assert rule(seq_len=1, in_features=768, out_features=2)  # pooled head input: one position
     assert not rule(seq_len=128, in_features=768, out_features=2)  # tiny output, long sequence
     assert not rule(seq_len=512, in_features=384, out_features=384)
+
+
+def test_bk_refuses_a_per_example_norm_that_is_not_one_per_example(monkeypatch):
+    """A capture whose squared norms have shape [1] would broadcast one example's norm over the chunk (every example
+    clipped by the same factor): bk must refuse it rather than clip wrongly."""
+    class Broadcasting(privacy.bk_layers.LinearCapture):
+        def __init__(self, module, x, grad, grams):
+            super().__init__(module, x, grad, grams)
+            self.sq_norms = {p: sq[:1] for p, sq in self.sq_norms.items()}
+
+    rule = privacy.bk_layers.RULES[nn.Linear]
+    monkeypatch.setitem(privacy.bk_layers.RULES, nn.Linear, privacy.bk_layers.Rule(rule.params, rule.forward,
+                                                                                   Broadcasting))
+    model = nn.Sequential(nn.Linear(5, 3))
+    private = _private(model, "bk", "flat")
+    with pytest.raises(RuntimeError, match=r"shape \(1,\).*expected \[4\]"):
+        private.backward(model(torch.randn(4, 5)).sum(-1))
+    private.close()
