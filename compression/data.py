@@ -5,7 +5,6 @@ Pure data plumbing: no models, no training, no tracking.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -15,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+from privacy.fingerprint import KeyedDigest, keyed_hash
 
 logger = logging.getLogger(__name__)
 
@@ -236,27 +237,49 @@ def _subsample(split: Split, max_examples: int | None, seed: int) -> Split:
     return split.select(np.sort(order[:max_examples]))
 
 
+def load_source(cfg: DataConfig) -> tuple[TaskSpec, Split, Split]:
+    """(spec, train, dev) for `cfg.task`, whole: the source a study's subsamples are drawn from."""
+    spec = _check_task(cfg.task)
+    return spec, load_split(spec, data_dir=cfg.dir, split="train"), load_split(spec, data_dir=cfg.dir, split="dev")
+
+
+def subsample_task(cfg: DataConfig, train: Split, dev: Split) -> tuple[Split, Split]:
+    """Each split capped by its seeded sample from `cfg`."""
+    train = _subsample(train, cfg.max_train_examples, cfg.seed)
+    dev = _subsample(dev, cfg.max_eval_examples, cfg.seed)
+    logger.info("task %s: %d train / %d dev examples (seed %d)", cfg.task, len(train), len(dev), cfg.seed)
+    return train, dev
+
+
 def load_task(cfg: DataConfig) -> tuple[TaskSpec, Split, Split]:
     """(spec, train, dev) for `cfg.task`, each split capped by its seeded sample from `cfg`."""
-    spec = _check_task(cfg.task)
-    train = _subsample(load_split(spec, data_dir=cfg.dir, split="train"), cfg.max_train_examples, cfg.seed)
-    dev = _subsample(load_split(spec, data_dir=cfg.dir, split="dev"), cfg.max_eval_examples, cfg.seed)
-    logger.info("task %s: %d train / %d dev examples (seed %d)", spec.name, len(train), len(dev), cfg.seed)
-    return spec, train, dev
+    spec, train, dev = load_source(cfg)
+    return (spec, *subsample_task(cfg, train, dev))
 
 
-def fingerprint(*splits: Split) -> str:
-    """sha256 hex of a canonical JSON serialisation of the splits' texts and labels, in order.
+def fingerprint(*splits: Split, key: bytes) -> str:
+    """Keyed fingerprint (HMAC-SHA256 under `key`, privacy.fingerprint.owner_key) of a canonical JSON serialisation
+    of the splits' texts and labels, in order. Without the key, nobody can test a guess about a record against it.
 
     Any change to a text, a label, a label's type (1 vs 1.0), the row order or the split order
     changes the fingerprint."""
-    digest = hashlib.sha256()
-    digest.update(f"dpcompress.data.fingerprint/v1 n={len(splits)}\n".encode())
+    digest = KeyedDigest(key, f"dpcompress.data.fingerprint/v2 n={len(splits)}")
     for split in splits:
         record = {"texts": [list(col) for col in split.texts], "labels": list(split.labels)}
         digest.update(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, whitespace collapsed: the form in which rows of two datasets are compared."""
+    return " ".join(text.lower().split())
+
+
+def row_hashes(split: Split, *, key: bytes) -> set[str]:
+    """Keyed hashes of every text of `split` (each text column on its own, normalised): rows of two datasets can be
+    compared for overlap (a pair's sentence found alone elsewhere counts) without either being revealed."""
+    return {keyed_hash(key, normalise_text(text)) for column in split.texts for text in column if text.strip()}
 
 
 def encode(split: Split, tokenizer, *, max_length: int) -> dict[str, torch.Tensor | list]:

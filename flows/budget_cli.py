@@ -124,7 +124,7 @@ def plan_values(cfg, num_train: int) -> dict:
     return {"study": cfg.name, "task": cfg.data.task, "num_train": num_train, "stages": rows, "scope": budget.scope,
             "epsilon": total if budget.scope == "study" else max(r["epsilon"] for r in rows),
             "epsilon_all_models": total, "target_epsilon": budget.epsilon, "delta": target_delta,
-            "delta_is_1_over_n": budget.delta is None, "accountant": budget.accountant,
+            "delta_is_default": budget.delta is None, "accountant": budget.accountant,
             "sampling": SAMPLING, "unit": UNIT}
 
 
@@ -133,7 +133,7 @@ def format_plan(values: dict) -> str:
 
     table = format_table([{k: ("yes" if v is True else "" if v is False else v) for k, v in row.items()}
                           for row in values["stages"]])
-    note = " = 1/n" if values["delta_is_1_over_n"] else ""
+    note = " = n^-1.1" if values["delta_is_default"] else ""
     return "\n".join([
         f"privacy plan for study {values['study']!r}: {values['task']}, n = {values['num_train']:,} private "
         f"training examples; epsilon is cumulative "

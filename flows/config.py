@@ -95,6 +95,9 @@ class TrackingSection(_Section):
     uri: str | None = None                   # MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite in output_dir
     experiment: str = "dpcompress"
     registered_model: str | None = None      # registry name of the final model; default "<name>-<task>"
+    # the stage whose model is registered (its own epsilon is then its tag); None: the end of the chain, or with
+    # several lines the best compressed model by dev metric, tagged with the union epsilon of every line compared
+    register_stage: str | None = None
 
 
 class StudyConfig(_Section):
@@ -116,6 +119,14 @@ class StudyConfig(_Section):
                 and self.distill.after == "prune":
             raise ValueError("distill.after: prune needs prune.lines: chain (with per_target there is no single "
                              "pruning line to follow); set distill.after: teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _public_text_is_not_the_private_task(self) -> "StudyConfig":
+        for i, source in enumerate(self.prune.calibration or []):
+            if source.task == self.data.task:
+                raise ValueError(f"prune.calibration[{i}].task={source.task!r} is the private task (data.task): "
+                                 "public text must be disjoint from the private data")
         return self
 
     @property

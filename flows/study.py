@@ -39,7 +39,7 @@ def run_study(cfg: StudyConfig) -> list[dict]:
         calibration = None  # public text for pruning statistics and public distillation
         if cfg.prune.enabled and cfg.prune.calibration and (cfg.prune.schedule.releases_statistics
                                                             or cfg.prune.public_distill is not None):
-            calibration = [prepare_data(stage=f"prepare_calibration_{source.task}", data=source,
+            calibration = [prepare_data(stage=f"prepare_calibration_{source.task}", data=source, private=data,
                                         tokenizer_name=cfg.model.name_or_path, **common)
                            for source in cfg.prune.calibration]
         teacher_plan, line_plans = plan_inputs(cfg, data.num_train)
@@ -62,7 +62,8 @@ def run_study(cfg: StudyConfig) -> list[dict]:
                 models.append(previous)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
-        register_final(model=final_model(cfg, models, evals), task_name=data.task, tracking_uri=uri,
+        chosen, compared = final_model(cfg, models, evals)
+        register_final(model=chosen, compared=compared, task_name=data.task, tracking_uri=uri,
                        name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}")
         line_of = {s.name: name for name, stages in model_lines.items() for s in stages}
         rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},
@@ -75,14 +76,24 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     return rows
 
 
-def final_model(cfg: StudyConfig, models: list, evals: list):
-    """The model to register: the last one (scope "study": the end of the chain); with several lines (scope
-    "line"), the compressed private model with the best dev metric (regression metrics too: higher is better)."""
+def final_model(cfg: StudyConfig, models: list, evals: list) -> tuple:
+    """(the model to register, the models compared to choose it or None). `tracking.register_stage` names it up
+    front; else the last one (scope "study": the end of the chain, whose ledger holds the whole study); with several
+    lines (scope "line"), the compressed private model with the best dev metric (higher is better), and the
+    choice depends on every compressed model, so all of them are `compared` (their union epsilon is its tag)."""
+    if cfg.tracking.register_stage is not None:
+        named = [m for m in models if m.stage == cfg.tracking.register_stage]
+        if not named:
+            raise ValueError(f"tracking.register_stage={cfg.tracking.register_stage!r} is not a stage of this study; "
+                             f"stages: {[m.stage for m in models]}")
+        return named[0], None
     if cfg.privacy.scope == "study" or len(models) < 3:
-        return models[-1]
+        return models[-1], None
     compressed = [(e.results["metric"], i) for i, (m, e) in enumerate(zip(models, evals))
                   if m.stage not in ("teacher", "nonprivate_teacher")]
-    return models[max(compressed)[1]] if compressed else models[-1]
+    if not compressed:
+        return models[-1], None
+    return models[max(compressed)[1]], [models[i] for _, i in compressed]
 
 
 def run_stage(cfg: StudyConfig, stage: Stage, *, source, teacher, spent, data, budgets, common, calibration=None):

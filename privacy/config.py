@@ -4,17 +4,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from privacy.noise import noise_source
+
+DELTA_EXPONENT = 1.1  # default delta = n ** -DELTA_EXPONENT for n private training examples
+
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig:
     """Target (epsilon, delta) for the whole study under add/remove-one-example DP.
 
-    `delta=None` means 1/n for n private training examples. Shares are fractions of the budget given to
+    `delta=None` means n^-1.1 for n private training examples; a delta >= 1/n is refused (`resolve_delta`).
+    Shares are fractions of the budget given to
     the teacher, to all pruning rounds together, and to distillation; they are renormalised over the
     stages that run. `scope` "study": everything the study trains composes into (epsilon, delta); "line": each
     model line (teacher + its pruning rounds, structured rounds or student) does, with the teacher taking
     `teacher_share` (< 1) of epsilon in every line (see `privacy.ledger.plan_lines`). `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
     multiplier it uses as given instead of a calibrated one; the other stages are calibrated around it.
+    `reproducible_noise`: TEST MODE. Noise and sampling are seeded from the config, so the models have NO DP
+    guarantee; their ledgers say `noise: seeded` and they are never registered with an epsilon.
+    `dataset_budget`: the lifetime epsilon of the private dataset across every study on it (the persistent dataset
+    ledger, privacy.dataset_ledger), at this study's delta; None means `epsilon`. `dataset_ledger`: where that
+    ledger lives (a path or a database URL); None means $DPCOMPRESS_LEDGER_URL or ~/.dpcompress/ledger.db.
     """
 
     epsilon: float = 8.0
@@ -27,6 +37,9 @@ class BudgetConfig:
     scope: Literal["study", "line"] = "study"
     secure_mode: bool = False
     fixed_noise: dict[str, float] = field(default_factory=dict)
+    reproducible_noise: bool = False
+    dataset_budget: float | None = None
+    dataset_ledger: str | None = None
 
     def __post_init__(self):
         if self.epsilon <= 0:
@@ -39,9 +52,28 @@ class BudgetConfig:
         for stage, sigma in self.fixed_noise.items():
             if not sigma > 0:
                 raise ValueError(f"fixed_noise[{stage!r}] must be a noise multiplier > 0, got {sigma}")
+        if self.reproducible_noise and self.secure_mode:
+            raise ValueError("reproducible_noise (seeded test mode) and secure_mode exclude each other")
+        if self.dataset_budget is not None and not self.dataset_budget >= self.epsilon:
+            raise ValueError(f"dataset_budget must be >= epsilon ({self.epsilon}): the study alone spends epsilon, "
+                             f"got {self.dataset_budget}")
+
+    @property
+    def lifetime_epsilon(self) -> float:
+        """The dataset's lifetime budget across studies (`dataset_budget`, default this study's epsilon)."""
+        return self.dataset_budget if self.dataset_budget is not None else self.epsilon
 
     def resolve_delta(self, num_examples: int) -> float:
-        return self.delta if self.delta is not None else 1.0 / num_examples
+        """`delta`, or n^-1.1 by default. A delta >= 1/n is refused: at delta = 1/n, a mechanism that publishes one
+        training example chosen at random, whole, is (0, delta)-DP, so such a delta promises nothing."""
+        if self.delta is None:
+            return float(num_examples) ** -DELTA_EXPONENT
+        if self.delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"privacy.delta={self.delta:g} is >= 1/n = {1.0 / num_examples:.3g} for n = {num_examples} private "
+                f"examples: publishing one random example in full would meet it. Use delta well below 1/n, e.g. "
+                f"n^-{DELTA_EXPONENT} = {float(num_examples) ** -DELTA_EXPONENT:.3g} (the default when delta is unset)")
+        return self.delta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,3 +86,8 @@ class StageBudget:
     accountant: str = "prv"
     secure_mode: bool = False
     seeded: bool = False    # test mode: noise and sampling reproducible from the config, NO guarantee
+
+    @property
+    def noise(self) -> str:
+        """Where this stage's noise comes from (privacy.noise.NOISE_SOURCES)."""
+        return noise_source(secure_mode=self.secure_mode, seeded=self.seeded)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .accounting import ACCOUNTANTS, BudgetError, DPEvent, calibrate_noise, compose_epsilon
+from .noise import NOISE_SOURCES
 
 FORMAT = "dpcompress.ledger/1"
 SAMPLINGS = ("poisson",)  # what the accountants assume
@@ -37,7 +38,9 @@ class LedgerEntry:
     mechanism: one of MECHANISMS.
     epsilon_after: epsilon of the whole ledger composed up to and including this entry, at `delta`
         with `accountant`.
-    dataset_fingerprint: sha256 of the private data used ("" if unknown).
+    dataset_fingerprint: keyed fingerprint (HMAC, privacy.fingerprint) of the private data used ("" if unknown).
+    noise: where the noise and the sampling came from (privacy.noise.NOISE_SOURCES); "seeded" means the test mode,
+        with NO differential-privacy guarantee.
     """
 
     stage: str
@@ -52,6 +55,7 @@ class LedgerEntry:
     unit: str = "example"
     dataset_fingerprint: str = ""
     mechanism: str = "dp_sgd"
+    noise: str = "secret"
 
     def __post_init__(self) -> None:
         if not isinstance(self.stage, str) or not self.stage:
@@ -70,6 +74,8 @@ class LedgerEntry:
                              f"got {self.sampling!r}")
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        if self.noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if self.mechanism == "gaussian_sum" and (self.sample_rate != 1 or self.num_steps != 1):
@@ -97,6 +103,11 @@ class Ledger:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate stage names in ledger: {duplicates}")
+
+    @property
+    def has_guarantee(self) -> bool:
+        """False if any entry's noise was seeded (the test mode): then no epsilon of this ledger is a guarantee."""
+        return all(entry.noise != "seeded" for entry in self.entries)
 
     def stage_names(self) -> list[str]:
         return [entry.stage for entry in self.entries]
@@ -132,13 +143,15 @@ class Ledger:
         return Ledger((*self.entries, entry))
 
     def record(self, *, stage: str, event: DPEvent, max_grad_norm: float, delta: float,
-               accountant: str = "prv", dataset_fingerprint: str = "", mechanism: str = "dp_sgd") -> Ledger:
+               accountant: str = "prv", dataset_fingerprint: str = "", mechanism: str = "dp_sgd",
+               noise: str = "secret") -> Ledger:
         """`append` an entry for `event`, with epsilon_after computed from this ledger plus `event`."""
         epsilon_after = compose_epsilon([*self.events(), event], delta=delta, accountant=accountant)
         return self.append(LedgerEntry(
             stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
             num_steps=event.num_steps, max_grad_norm=max_grad_norm, epsilon_after=epsilon_after,
             delta=delta, accountant=accountant, dataset_fingerprint=dataset_fingerprint, mechanism=mechanism,
+            noise=noise,
         ))
 
     def to_json(self) -> str:

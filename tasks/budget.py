@@ -21,5 +21,6 @@ def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: Bu
         logger.info("privacy plan: %-14s q=%.4g steps=%d sigma=%.4f", name, plans[name].sample_rate,
                     plans[name].num_steps, sigma)
     return {name: StageBudget(noise_multiplier=sigma, target_epsilon=budget.epsilon, delta=delta,
-                              accountant=budget.accountant, secure_mode=budget.secure_mode)
+                              accountant=budget.accountant, secure_mode=budget.secure_mode,
+                              seeded=budget.reproducible_noise)
             for name, sigma in sigmas.items()}

@@ -1,35 +1,55 @@
-"""Prefect task: load a GLUE task, tokenise it with the teacher's tokenizer, fingerprint it, save it."""
+"""Prefect task: load a GLUE task, tokenise it with the teacher's tokenizer, fingerprint it (keyed), save it."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from transformers import AutoTokenizer
 
-from compression.data import DataConfig, encode, fingerprint, load_task, save_encoded
+from compression.data import DataConfig, encode, fingerprint, load_source, row_hashes, save_encoded, subsample_task
 from compression.models import resolve_model_path
+from privacy.fingerprint import owner_key
 from tasks import tracking
 from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.refs import DataRef
 
+ROWS_FILE = "row_hashes.npy"  # keyed hashes of every text of the source's train split: local, for overlap checks
+
 
 @task(name="prepare_data", cache_policy=STAGE_CACHE, persist_result=True)
 def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, tracking_uri: str,
-                 parent_run_id: str, stage: str = "prepare_data") -> DataRef:
-    """`stage`: "prepare_data" for the private task, another name (e.g. "prepare_calibration") for public text."""
-    spec, train, dev = load_task(data)
-    digest = fingerprint(train, dev)
-    out = stage_dir(output_dir, stage, {"data": data, "tokenizer": tokenizer_name, "sha": digest})
+                 parent_run_id: str, stage: str = "prepare_data", private: DataRef | None = None) -> DataRef:
+    """`stage`: "prepare_data" for the private task, another name (e.g. "prepare_calibration") for public text, which
+    is refused if it shares any text with the `private` data's source. Only keyed fingerprints are published."""
+    key = owner_key()
+    spec, source, full_dev = load_source(data)
+    train, dev = subsample_task(data, source, full_dev)
+    digest, source_digest = fingerprint(train, dev, key=key), fingerprint(source, key=key)
+    rows = row_hashes(source, key=key)
+    if private is not None:
+        _check_disjoint(rows, private, what=f"{stage} ({spec.name} from {data.dir or 'the hub'})")
+    out = stage_dir(output_dir, stage, {"data": data, "tokenizer": tokenizer_name, "fingerprint": digest})
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
     save_encoded(out / "train.pt", encode(train, tokenizer, max_length=data.max_length))
     save_encoded(out / "dev.pt", encode(dev, tokenizer, max_length=data.max_length))
+    np.save(out / ROWS_FILE, np.array(sorted(rows), dtype="S64"))
     meta = {"task": spec.name, "metric": spec.metric, "num_labels": spec.num_labels, "num_train": len(train),
-            "num_dev": len(dev), "fingerprint_sha256": digest, "source": data.dir or "huggingface hub"}
+            "num_dev": len(dev), "fingerprint": digest, "source_fingerprint": source_digest,
+            "source": data.dir or "huggingface hub"}
     Path(out / "data.json").write_text(json.dumps(meta, indent=2))
     with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
         run.params({"task": spec.name, "source": meta["source"], "max_length": data.max_length,
                     "num_train": len(train), "num_dev": len(dev), "seed": data.seed})
-        run.tags({"data_fingerprint_sha256": digest})
-    return DataRef(path=str(out), fingerprint=digest, task=spec.name, metric=spec.metric,
-                   num_labels=spec.num_labels, num_train=len(train), num_dev=len(dev))
+        run.tags({"data_fingerprint": digest, "source_fingerprint": source_digest, "fingerprint": "hmac-sha256"})
+    return DataRef(path=str(out), fingerprint=digest, source_fingerprint=source_digest, task=spec.name,
+                   metric=spec.metric, num_labels=spec.num_labels, num_train=len(train), num_dev=len(dev))
+
+
+def _check_disjoint(rows: set[str], private: DataRef, *, what: str) -> None:
+    """Public text must share no text with the private data (compared by keyed hashes, never by content)."""
+    private_rows = {bytes(h).decode() for h in np.load(Path(private.path) / ROWS_FILE)}
+    if rows & private_rows:
+        raise ValueError(f"{what} is not public: it shares texts with the private training data of "
+                         f"{private.task} ({private.path}); public sources must be disjoint from the private data")

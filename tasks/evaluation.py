@@ -43,14 +43,19 @@ def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: 
 
 
 @task(name="register_model", cache_policy=STAGE_CACHE, persist_result=True)
-def register_final(*, model: ModelRef, name: str, task_name: str, tracking_uri: str) -> str:
-    """Log the final model (pytorch flavour) and register it, tagged with its (epsilon, delta) and accountant."""
+def register_final(*, model: ModelRef, name: str, task_name: str, tracking_uri: str,
+                   compared: list[ModelRef] | None = None) -> str:
+    """Log the final model (pytorch flavour) and register it, tagged with what its epsilon means. `compared`: the
+    models a selection looked at (by dev metric) before picking `model`; the release then depends on all of them, so
+    its epsilon is their union's. Models trained with seeded noise get no epsilon tag (no guarantee)."""
     net, _ = load_saved(model.path)
-    ledger = json.loads(Path(model.ledger_path).read_text())
-    accountant = ledger["entries"][-1]["accountant"] if ledger.get("entries") else "none"
-    tags = {"epsilon": f"{model.epsilon:.4f}", "delta": f"{model.delta:.3g}", "accountant": accountant,
-            "sampling": "poisson", "unit_of_privacy": "example", "stage": model.stage, "task": task_name,
-            "model_sha256": model.sha256}
+    ledgers = [Ledger.load(m.ledger_path) for m in (compared or [model])]
+    last = ledgers[-1].entries[-1]
+    noise = "seeded" if not all(ledger.has_guarantee for ledger in ledgers) else last.noise
+    epsilon = union_epsilon(ledgers, delta=model.delta, accountant=last.accountant)
+    scope = (f"union of the {len(ledgers)} models compared to select it" if compared else "its own ledger")
+    tags = {**tracking.guarantee_tags(epsilon=epsilon, delta=model.delta, accountant=last.accountant, noise=noise),
+            "epsilon_scope": scope, "stage": model.stage, "task": task_name, "model_sha256": model.sha256}
     requirements = [f"{p}=={md.version(p)}" for p in ("torch", "transformers")]
     return tracking.register_model(uri=tracking_uri, run_id=model.run_id, model=net, name=name, tags=tags,
                                    pip_requirements=requirements, code_paths=[str(_PACKAGES / "compression")])
@@ -70,8 +75,9 @@ def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: 
     ledgers = [Ledger.load(m.ledger_path) for m in private]
     accountant, delta = ledgers[-1].entries[-1].accountant, private[-1].delta
     union = union_epsilon(ledgers, delta=delta, accountant=accountant)
+    noises = sorted({entry.noise for ledger in ledgers for entry in ledger.entries})
     footer = privacy_footer(scope=scope, union=union, delta=delta, accountant=accountant,
-                            baseline=len(private) < len(models))
+                            baseline=len(private) < len(models), noises=noises)
     directory = Path(output_dir) / "results"
     write_results(rows, directory, metric=metric, footer=footer)
     (directory / "footer.txt").write_text(footer)
@@ -81,13 +87,25 @@ def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: 
     return [{(metric if k == "metric" else k): v for k, v in r.items() if v is not None} for r in rows]
 
 
-def privacy_footer(*, scope: str, union: float, delta: float, accountant: str, baseline: bool) -> str:
-    """What the epsilon column means: its scope, delta, accountant, sampling, unit; and the cost of releasing all."""
+NOISE_NOTES = {
+    "secret": "noise and Poisson sampling drawn from generators seeded by the OS (secret)",
+    "secure": "noise and Poisson sampling drawn from generators seeded by the OS, with Opacus' secure Gaussian "
+              "sampling against floating-point attacks",
+    "seeded": "NOISE SEEDED FROM THE CONFIG (privacy.reproducible_noise, a test mode): these models have NO "
+              "differential-privacy guarantee; the epsilon column is what the same settings give with secret noise",
+}
+
+
+def privacy_footer(*, scope: str, union: float, delta: float, accountant: str, baseline: bool,
+                   noises: list[str]) -> str:
+    """What the epsilon column means: its scope, delta, accountant, sampling, unit, the noise source; and the cost of
+    releasing all."""
     per = ("cumulative over the study's private stages up to each model" if scope == "study" else
            "of each model's own line (the DP teacher and the stages that produced it)")
     return (f"epsilon: {per}, at the delta shown; {accountant.upper()} accountant, Poisson sampling, unit of "
             f"privacy: one training example (add/remove). Releasing every private model above together: "
-            f"epsilon = {union:.4f} at delta = {delta:.3g}."
+            f"epsilon = {union:.4f} at delta = {delta:.3g}. Noise: "
+            + "; ".join(NOISE_NOTES[n] for n in noises) + "."
             + (" The nonprivate_teacher row (epsilon = inf) is a baseline without any guarantee." if baseline else ""))
 
 

@@ -21,10 +21,13 @@ def sha256_of(path: str | Path) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class DataRef:
-    """Tokenised train/dev splits on disk and the fingerprint of the raw data they came from."""
+    """Tokenised train/dev splits on disk and keyed fingerprints (privacy.fingerprint) of the raw data: `fingerprint`
+    of the splits used, `source_fingerprint` of the whole train file they were drawn from (the dataset whose lifetime
+    privacy budget the persistent dataset ledger keeps)."""
 
     path: str
     fingerprint: str
+    source_fingerprint: str
     task: str
     metric: str
     num_labels: int

@@ -106,6 +106,16 @@ def register_model(*, uri: str, run_id: str, model, name: str, tags: dict, pip_r
     return str(version.version)
 
 
+def guarantee_tags(*, epsilon: float, delta: float, accountant: str, noise: str) -> dict[str, str]:
+    """What a private model's epsilon means, as MLflow tags. Seeded noise (the test mode) gets no epsilon tag: the
+    model has no guarantee, and says so."""
+    tags = {"delta": f"{delta:.3g}", "accountant": accountant, "sampling": "poisson", "unit_of_privacy": "example",
+            "noise": noise}
+    if noise == "seeded":
+        return tags | {"dp_guarantee": "none: noise seeded from the config (reproducible_noise test mode)"}
+    return tags | {"epsilon": f"{epsilon:.4f}", "dp_guarantee": f"({epsilon:.4f}, {delta:.3g})-DP"}
+
+
 def fetch_results(*, uri: str, run_id: str, name: str = "results.md") -> str:
     """The text of a study run's results artifact (`results/<name>`); LookupError naming the run if it has none."""
     mlflow_client = client(uri)

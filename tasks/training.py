@@ -30,41 +30,48 @@ from privacy.config import StageBudget
 from privacy.ledger import Ledger, LedgerEntry
 from tasks import tracking
 from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.console import console
 from tasks.refs import DataRef, ModelRef, sha256_of
 
 
 def _progress(stage: str, run: tracking.StageRun, ledger: Ledger, event: DPEvent, budget: StageBudget):
-    """An on_step callback: console progress (steps, loss, epsilon so far, ETA); epsilon alone goes to MLflow."""
-    logger = get_run_logger()
-    began, last, first = time.monotonic(), [0.0], []
+    """An on_step callback. The loss (a mean over private examples) goes to the local console only; Prefect's log
+    gets steps, epsilon so far and the ETA (public), every minute; MLflow gets epsilon."""
+    local, public = console(), get_run_logger()
+    began, last, first = time.monotonic(), [0.0, 0.0], []
 
     def on_step(step: int, metrics: dict) -> None:
         now = time.monotonic()
         first or first.append(step - 1)  # a resumed stage starts past step 1
-        if step != metrics["num_steps"] and now - last[0] < 15:
+        done = step == metrics["num_steps"]
+        if not done and now - last[0] < 15:
             return
         last[0] = now
         partial = DPEvent(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, num_steps=step)
         eps = compose_epsilon([*ledger.events(), partial], delta=budget.delta, accountant=budget.accountant)
         eta = (now - began) / max(1, step - first[0]) * (metrics["num_steps"] - step)
-        logger.info("%s: step %d/%d  loss %.4f  eps %.3f/%.3f  ETA %ds", stage, step, metrics["num_steps"],
-                    metrics["loss"], eps, budget.target_epsilon, eta)
+        local.info("%s: step %d/%d  loss %.4f  eps %.3f/%.3f  ETA %ds", stage, step, metrics["num_steps"],
+                   metrics["loss"], eps, budget.target_epsilon, eta)
+        if done or now - last[1] >= 60:
+            last[1] = now
+            public.info("%s: step %d/%d  eps %.3f/%.3f  ETA %ds", stage, step, metrics["num_steps"], eps,
+                        budget.target_epsilon, eta)
         run.metrics({"epsilon_spent": eps}, step=step)
     return on_step
 
 
 def _console_progress(stage: str, what: str = "not private"):
     """An on_step callback for non-DP training (the non-private baseline; distillation on public text): steps, loss
-    and ETA on the console only."""
-    logger, began, last = get_run_logger(), time.monotonic(), [0.0]
+    and ETA on the local console only."""
+    local, began, last = console(), time.monotonic(), [0.0]
 
     def on_step(step: int, metrics: dict) -> None:
         now = time.monotonic()
         if step == metrics["num_steps"] or now - last[0] >= 15:
             last[0] = now
             eta = (now - began) / step * (metrics["num_steps"] - step)
-            logger.info("%s: step %d/%d  loss %.4f  (%s)  ETA %ds", stage, step, metrics["num_steps"],
-                        metrics["loss"], what, eta)
+            local.info("%s: step %d/%d  loss %.4f  (%s)  ETA %ds", stage, step, metrics["num_steps"],
+                       metrics["loss"], what, eta)
     return on_step
 
 
@@ -92,7 +99,8 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
         ledger = ledger.append(LedgerEntry(
             stage=stage, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate,
             num_steps=event.num_steps, max_grad_norm=train.max_grad_norm, epsilon_after=epsilon,
-            delta=budget.delta, accountant=budget.accountant, dataset_fingerprint=data.fingerprint))
+            delta=budget.delta, accountant=budget.accountant, dataset_fingerprint=data.fingerprint,
+            noise=budget.noise))
         save_classifier(model, tokenizer, out / "model")
         ledger.save(out / "ledger.json")
         masks_path = None
@@ -101,8 +109,8 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
             masks_path = str(out / "masks.pt")
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds noise RNG state: never outlives the stage
         run.metrics({"epsilon": epsilon, "delta": budget.delta})
-        run.tags({"epsilon": f"{epsilon:.4f}", "delta": f"{budget.delta:.3g}", "accountant": budget.accountant,
-                  "sampling": "poisson", "unit_of_privacy": "example"})
+        run.tags(tracking.guarantee_tags(epsilon=epsilon, delta=budget.delta, accountant=budget.accountant,
+                                         noise=budget.noise))
         run.artifact(out / "ledger.json")
     return ModelRef(stage=stage, path=str(out / "model"), sha256=sha256_of(out / "model"),
                     ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
@@ -244,7 +252,8 @@ def _release_statistics(stage, net, data: DataRef, schedule: PruneConfig, budget
     ledger.check_fits(stage=name, event=event, target_epsilon=budget.target_epsilon, delta=budget.delta,
                       accountant=budget.accountant)
     ledger = ledger.record(stage=name, event=event, max_grad_norm=1.0, delta=budget.delta,
-                           accountant=budget.accountant, dataset_fingerprint=data.fingerprint, mechanism="gaussian_sum")
+                           accountant=budget.accountant, dataset_fingerprint=data.fingerprint, mechanism="gaussian_sum",
+                           noise=budget.noise)
     ledger.check_fits(stage=stage, event=then[0], target_epsilon=then[1].target_epsilon, delta=then[1].delta,
                       accountant=then[1].accountant)
     saved = out / "input_statistics.pt"

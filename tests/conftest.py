@@ -25,3 +25,8 @@ def tokenizer(tmp_path_factory):
     vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
     vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
     return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+
+# The data owner's state (fingerprint key, dataset ledger) of the test session: never the user's ~/.dpcompress.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("DPCOMPRESS_HOME", tempfile.mkdtemp(prefix="dpcompress-home-"))

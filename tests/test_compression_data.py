@@ -95,8 +95,8 @@ def test_subsampling_is_deterministic_and_seed_sensitive(glue_dir):
     assert spec is GLUE_TASKS["sst2"]
     assert (len(train_a), len(dev_a)) == (50, 20)
     assert train_a == train_b and dev_a == dev_b
-    assert fingerprint(train_a) != fingerprint(train_c)
-    assert fingerprint(dev_a) != fingerprint(dev_c)
+    assert fingerprint(train_a, key=KEY) != fingerprint(train_c, key=KEY)
+    assert fingerprint(dev_a, key=KEY) != fingerprint(dev_c, key=KEY)
     full_dev = load_split(spec, data_dir=glue_dir, split="dev")
     assert set(dev_a.texts[0]) <= set(full_dev.texts[0])
 
@@ -106,7 +106,7 @@ def test_caps_at_or_above_split_size_keep_everything(glue_dir):
     _, train, dev = load_task(cfg)
     full = load_split(GLUE_TASKS["cola"], data_dir=glue_dir, split="train")
     assert len(train) == 8551 and len(dev) == 1043
-    assert fingerprint(train) == fingerprint(full)
+    assert fingerprint(train, key=KEY) == fingerprint(full, key=KEY)
 
 
 def test_smaller_eval_cap_is_a_subset_of_larger(glue_dir):
@@ -121,17 +121,56 @@ def _pair_split() -> Split:
     return Split((["a b", "c d", "e"], ["x", "y", "z"]), [0, 1, 0])
 
 
+KEY = b"k" * 32
+
+
 def test_fingerprint_stable_and_sensitive():
-    base = fingerprint(_pair_split())
-    assert base == fingerprint(_pair_split())
+    def fp(*splits):
+        return fingerprint(*splits, key=KEY)
+    base = fp(_pair_split())
+    assert base == fp(_pair_split())
     assert len(base) == 64 and int(base, 16) >= 0
-    assert fingerprint(Split((["a b", "c d", "e"], ["x", "y", "z"]), [0, 1, 1])) != base
-    assert fingerprint(Split((["a b", "c d", "e"], ["x", "Y", "z"]), [0, 1, 0])) != base
-    assert fingerprint(Split((["c d", "a b", "e"], ["y", "x", "z"]), [1, 0, 0])) != base  # order
-    assert fingerprint(Split((["a b", "c d", "e"], ["x", "y", "z"]), [0.0, 1.0, 0.0])) != base
+    assert fp(Split((["a b", "c d", "e"], ["x", "y", "z"]), [0, 1, 1])) != base
+    assert fp(Split((["a b", "c d", "e"], ["x", "Y", "z"]), [0, 1, 0])) != base
+    assert fp(Split((["c d", "a b", "e"], ["y", "x", "z"]), [1, 0, 0])) != base  # order
+    assert fp(Split((["a b", "c d", "e"], ["x", "y", "z"]), [0.0, 1.0, 0.0])) != base
     one, two = Split((["a"],), [0]), Split((["b"],), [1])
-    assert fingerprint(one, two) != fingerprint(two, one)
-    assert fingerprint(one, two) != fingerprint(Split((["a", "b"],), [0, 1]))
+    assert fp(one, two) != fp(two, one)
+    assert fp(one, two) != fp(Split((["a", "b"],), [0, 1]))
+
+
+def test_fingerprint_is_keyed_so_a_guess_cannot_be_tested_without_the_key():
+    """Someone who knows every record but one cannot check a candidate against a published fingerprint: without the
+    owner's key, the plain sha256 of the data (the old fingerprint) and any other key give other values."""
+    import hashlib
+    import json
+
+    split = _pair_split()
+    published = fingerprint(split, key=KEY)
+    assert published == fingerprint(split, key=bytes(KEY))  # same data, same key: same value (caches work)
+    assert published != fingerprint(split, key=b"x" * 32)
+    record = {"texts": [list(col) for col in split.texts], "labels": list(split.labels)}
+    plain = hashlib.sha256(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    assert published != plain
+
+
+def test_owner_key_is_created_once_owner_only(tmp_path):
+    from privacy.fingerprint import owner_key
+
+    key = owner_key(tmp_path / "home")
+    assert len(key) == 32 and owner_key(tmp_path / "home") == key
+    assert (tmp_path / "home" / "fingerprint.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700
+    assert owner_key(tmp_path / "other") != key
+
+
+def test_row_hashes_find_shared_texts_across_columns_and_case():
+    from compression.data import row_hashes
+
+    private = Split((["The cat sat ", "a dog"],), [0, 1])
+    public = Split((["x y", "z"], ["THE  cat sat", "w"]), [0, 1])  # a pair whose second sentence is private
+    assert row_hashes(private, key=KEY) & row_hashes(public, key=KEY)
+    assert not row_hashes(private, key=KEY) & row_hashes(Split((["a cat"],), [0]), key=KEY)
 
 
 # --- errors on synthetic folders -------------------------------------------------------------

@@ -34,7 +34,7 @@ privacy: {scope: line}
     cfg = _cfg(tmp_path, "structured: {enabled: true, schedule: {rounds: 1}}\nprivacy: {scope: line}\n"
                          "distill: {after: teacher}\n")  # three short lines: calibrating takes seconds each
     sigmas = plan_sigmas(cfg, 4000)
-    delta = 1 / 4000
+    delta = 4000 ** -1.1
     for line in lines(cfg).values():  # each line composes to the budget with the one teacher sigma
         events = [cfg.teacher, *[s.train for s in line]]
         names = ["teacher", *[s.name for s in line]]
@@ -56,7 +56,7 @@ def test_per_target_lines_prune_the_teacher_once_each_with_the_whole_share(tmp_p
     assert sigmas["prune_1"] < chained["prune_1"]  # a whole share is less noise than half of one
     for line in lines(cfg).values():
         composed = compose_epsilon([_event(cfg.teacher, sigmas["teacher"]), _event(line[0].train, sigmas[line[0].name])],
-                                   delta=1 / 4000)
+                                   delta=4000 ** -1.1)
         assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
     with pytest.raises(ConfigError, match="distill.after: prune needs prune.lines: chain"):
         _cfg(tmp_path, "prune: {lines: per_target}\n")
@@ -89,7 +89,7 @@ def test_activation_scorer_adds_a_fixed_sigma_release_before_each_pruning_round(
     assert sigmas["prune_1"] > plain["prune_1"]  # the release's cost comes out of the fine-tuning's noise
     release = DPEvent(noise_multiplier=8.0, sample_rate=1.0, num_steps=1)
     composed = compose_epsilon([_event(cfg.teacher, sigmas["teacher"]), release,
-                                _event(cfg.prune.train, sigmas["prune_1"])], delta=1 / 4000)
+                                _event(cfg.prune.train, sigmas["prune_1"])], delta=4000 ** -1.1)
     assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
     assert composed <= cfg.privacy.epsilon * (1 + 1e-9)
     fixed = plan_sigmas(_cfg(tmp_path, "prune: {lines: per_target, schedule: {sparsities: [0.5], "
