@@ -2,6 +2,7 @@
 process and a temporary Prefect server; rerun trains nothing; a failed middle stage resumes from there."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -51,11 +52,49 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prefect_backend():
+def prefect_backend(tmp_path_factory):
+    """A temporary Prefect server (a real API process) and result storage in a folder of this module's own."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield storage
+
+
+class LocalLines(logging.Handler):
+    """Collects what the local console logger prints (the only place training loss may appear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def local_console():
+    from tasks.console import console
+
+    handler = LocalLines()
+    console().addHandler(handler)
+    yield handler
+    console().removeHandler(handler)
+
+
+def _what_left_the_process(storage: Path) -> str:
+    """Every log line the Prefect server holds, and every persisted task result, as one text."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    logs = []
+    with get_client(sync_client=True) as client:
+        while page := client.read_logs(limit=200, offset=len(logs)):  # the API's page limit
+            logs += page
+    results = [f.read_bytes().decode("utf-8", "replace") for f in storage.rglob("*") if f.is_file()]
+    return "\n".join([log.message for log in logs] + results)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +110,11 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
-def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | None = None) -> Path:
+def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | None = None,
+            privacy: dict | None = None) -> Path:
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/quickstart.yaml").read_text())
     cfg["prune"].setdefault("schedule", {}).update(schedule or {})
+    cfg["privacy"].update(privacy or {})
     small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
     cfg.update(name=name, output_dir=str(tmp_path / "runs"), model={"name_or_path": model})
     cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
@@ -102,12 +143,24 @@ class Calls:
         return self.original(*args, **kwargs)
 
 
-def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefect_backend, tiny_model, monkeypatch):
+def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefect_backend, tiny_model, monkeypatch,
+                                                 local_console):
+    from compression.data import DataConfig, load_task
     from flows.study import study
 
     path = _config(tmp_path, tiny_model, mlflow_server, "tiny")
     trained = Calls(monkeypatch, "dp_train")
     rows = study(config_path=str(path))
+    # Nothing computed on private examples left the process: no loss value and no training text in Prefect's logs
+    # or persisted results (they live on the server and in result storage), only on the local console.
+    losses = [line.split("loss ")[1].split()[0] for line in local_console.lines if "loss " in line]
+    assert len(losses) >= 4
+    shipped = _what_left_the_process(prefect_backend)
+    assert "step" in shipped and "eps" in shipped  # public progress did reach Prefect
+    assert not [value for value in losses if value in shipped]
+    assert "loss" not in shipped.lower()
+    _, train, _ = load_task(DataConfig(task="sst2", dir=str(GLUE), max_train_examples=48))
+    assert not [text for text in train.texts[0] if len(text) > 12 and text in shipped]
     assert [r["stage"] for r in rows] == ["teacher", "prune_1", "prune_2", "distill"]
     assert trained.count == 4
     assert rows[-2]["sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -129,6 +182,10 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     version = client.search_model_versions("name='tiny-sst2'")[0]
     assert float(version.tags["epsilon"]) == pytest.approx(rows[-1]["epsilon"], rel=1e-3)
     assert version.tags["accountant"] == "prv" and "delta" in version.tags
+    assert version.tags["noise"] == "secret" and version.tags["unit_of_privacy"] == "example"
+    assert version.tags["sampling"] == "poisson" and version.tags["epsilon_scope"] == "its own ledger"
+    prepared = next(r for r in runs if r.info.run_name == "prepare_data")
+    assert prepared.data.tags["fingerprint"] == "hmac-sha256" and len(prepared.data.tags["data_fingerprint"]) == 64
 
     began = time.monotonic()
     again = study(config_path=str(path))
@@ -147,8 +204,10 @@ def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflo
 
     from privacy.ledger import Ledger
 
-    # activation scores from the private data: each round first releases input norms with DP (`{round}_stats`)
-    path = _config(tmp_path, tiny_model, mlflow_server, "resume", schedule={"scorer": "activation", "scope": "row"})
+    # activation scores from the private data: each round first releases input norms with DP (`{round}_stats`); the
+    # seeded test mode is on, and says everywhere that these models have no guarantee
+    path = _config(tmp_path, tiny_model, mlflow_server, "resume", schedule={"scorer": "activation", "scope": "row"},
+                   privacy={"reproducible_noise": True})
     released = Calls(monkeypatch, "dp_input_norms")
     Calls(monkeypatch, "magnitude_masks", fail_first=True)  # prune_1 fails after its release, before training
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -167,6 +226,12 @@ def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflo
     assert [e.stage for e in entries] == ["teacher", "prune_1_stats", "prune_1", "prune_2_stats", "prune_2", "distill"]
     assert [e.mechanism for e in entries if e.stage.endswith("_stats")] == ["gaussian_sum"] * 2
     assert all((e.sample_rate, e.num_steps) == (1.0, 1) for e in entries if e.stage.endswith("_stats"))
+    assert {e.noise for e in entries} == {"seeded"}
+    footer = (tmp_path / "runs" / "resume" / "results" / "footer.txt").read_text()
+    assert "NO differential-privacy guarantee" in footer
+    version = MlflowClient(mlflow_server).search_model_versions("name='resume-sst2'")[0]
+    assert "epsilon" not in version.tags and version.tags["noise"] == "seeded"
+    assert version.tags["dp_guarantee"].startswith("none")
 
 
 def test_cli_rejects_a_bad_key_before_any_work(tmp_path):

@@ -129,3 +129,7 @@ def test_config_errors_name_the_key(tmp_path):
         _cfg(tmp_path, "prune: {public_distill: {learning_rate: 0}, calibration: {task: cola}}\n")
     with pytest.raises(ConfigError, match="structured.schedule.*drop_layers"):
         _cfg(tmp_path, "structured: {enabled: true, schedule: {drop_layers: bottom}}\n")
+    with pytest.raises(ConfigError, match=r"prune.calibration\[1\].task='sst2' is the private task"):
+        _cfg(tmp_path, "prune: {calibration: [{task: cola}, {task: sst2}]}\n")  # "public" text must not be private
+    with pytest.raises(ConfigError, match="reproducible_noise.*secure_mode"):
+        _cfg(tmp_path, "privacy: {reproducible_noise: true, secure_mode: true}\n")
