@@ -1,5 +1,6 @@
-"""The `dpcompress budget` commands: epsilon of a DP-SGD run, the smallest sigma for a target epsilon, and a
-study's privacy plan (per-stage sigma and cumulative epsilon) computed before anything trains."""
+"""The `dpcompress budget` commands: epsilon of a DP-SGD run, the smallest sigma for a target epsilon, a study's
+privacy plan (per-stage sigma and cumulative epsilon) computed before anything trains, and what each dataset has
+spent across studies (the dataset ledger)."""
 from __future__ import annotations
 
 import argparse
@@ -160,9 +161,77 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
+    """The dataset ledger's spent `rows` as plain values: each release's epsilon alone (at its own delta and
+    accountant; None for a non-private one) and, per dataset, its private releases composed at the largest delta
+    recorded, with `accountant` (default: that of the dataset's latest private release)."""
+    releases, by_dataset = [], {}
+    for row in rows:
+        event = row.event
+        releases.append({
+            "dataset": row.dataset, "study": row.study, "stage": row.stage, "mechanism": row.mechanism,
+            "epsilon": None if event is None else compose_epsilon([event], delta=row.delta, accountant=row.accountant),
+            "delta": row.delta, "accountant": row.accountant, "noise": row.noise, "date": row.spent_at})
+        by_dataset.setdefault(row.dataset, []).append(row)
+    datasets = {}
+    for name, group in by_dataset.items():
+        private = [r for r in group if r.event is not None]
+        total = {"epsilon": None, "delta": None, "accountant": None}
+        if private:
+            chosen = accountant or private[-1].accountant
+            largest = max(r.delta for r in private)
+            total = {"epsilon": compose_epsilon([r.event for r in private], delta=largest, accountant=chosen),
+                     "delta": largest, "accountant": chosen}
+        datasets[name] = total | {"releases": len(private), "nonprivate_releases": len(group) - len(private),
+                                  "sampling": SAMPLING, "unit": UNIT}
+    return {"ledger": ledger, "releases": releases, "datasets": datasets}
+
+
+def format_spent(values: dict) -> str:
+    from flows.cli import format_table  # here: flows.cli imports this module
+
+    if not values["releases"]:
+        which = f" for dataset {values['dataset']}" if values.get("dataset") else ""
+        return f"no releases recorded{which} in {values['ledger']}"
+    rows = [r | {"dataset": r["dataset"][:12], "epsilon": "inf" if r["epsilon"] is None else r["epsilon"],
+                 "date": (r["date"] or "")[:16].replace("T", " ")} for r in values["releases"]]
+    lines = [f"releases in {values['ledger']} (epsilon of each release alone, at its own delta):",
+             format_table([{k: r[k] for k in ("dataset", "study", "stage", "epsilon", "delta", "mechanism",
+                                               "noise", "date")} for r in rows])]
+    for name, total in values["datasets"].items():
+        nonprivate = total["nonprivate_releases"]
+        note = f"; plus {nonprivate} non-private release(s), which carry no guarantee" if nonprivate else ""
+        if total["epsilon"] is None:
+            lines.append(f"dataset {name}: no private release{note}")
+        else:
+            lines.append(f"dataset {name}: epsilon = {total['epsilon']:.4f} {_guarantee(total)} over "
+                         f"{total['releases']} private release(s), composed{note}")
+    return "\n".join(lines)
+
+
+def cmd_spent(args) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from privacy.dataset_ledger import DatasetLedger, default_ledger_url
+
+    try:
+        ledger = DatasetLedger(args.ledger or default_ledger_url(), create=False)
+    except (ValueError, OSError) as err:  # bad URL, missing driver, no ledger file
+        return _fail(err)
+    shown = ledger.url.render_as_string(hide_password=True)
+    try:
+        with ledger:
+            rows = ledger.history(args.dataset)
+    except SQLAlchemyError as err:  # not a database, no ledger table, unreachable server
+        return _fail(f"cannot read the dataset ledger at {shown}: {str(err).splitlines()[0]}")
+    values = spent_values(rows, ledger=shown, accountant=args.accountant) | {"dataset": args.dataset}
+    print(json.dumps(values, sort_keys=True) if args.json else format_spent(values))
+    return 0
+
+
 def add_budget_parser(subparsers) -> None:
-    """Register `budget` and its subcommands `epsilon`, `sigma` and `plan` on the `dpcompress` parser."""
-    budget = subparsers.add_parser("budget", help="privacy budget: epsilon, sigma, a study's plan")
+    """Register `budget` and its subcommands `epsilon`, `sigma`, `plan` and `spent` on the `dpcompress` parser."""
+    budget = subparsers.add_parser("budget", help="privacy budget: epsilon, sigma, a study's plan, a dataset's spend")
     sub = budget.add_subparsers(dest="budget_command", required=True, parser_class=_OneLineParser)
     eps = sub.add_parser("epsilon", help="epsilon of a Poisson-subsampled DP-SGD run")
     eps.add_argument("--noise-multiplier", type=positive, required=True, help="sigma (> 0)")
@@ -182,3 +251,12 @@ def add_budget_parser(subparsers) -> None:
     plan.add_argument("--glue-dir", default=None, help="local GLUE folder when data.dir is unset")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
+    spent = sub.add_parser("spent", help="what each dataset has spent across studies (the dataset ledger)")
+    spent.add_argument("--dataset", default=None, metavar="FP", help="one dataset's fingerprint (default: every one)")
+    spent.add_argument("--ledger", default=None, metavar="URL",
+                       help="SQLAlchemy URL or SQLite path (default: $DPCOMPRESS_LEDGER_URL, else "
+                            "$DPCOMPRESS_HOME/ledger.db, $DPCOMPRESS_HOME defaulting to ~/.dpcompress)")
+    spent.add_argument("--accountant", choices=("prv", "rdp", "pld"), default=None,
+                       help="for each dataset's composed epsilon (default: that of its latest release)")
+    spent.add_argument("--json", action="store_true", help="print one JSON object")
+    spent.set_defaults(func=cmd_spent)

@@ -1,8 +1,9 @@
-"""Tests for the `dpcompress budget` commands (epsilon, sigma, plan) and fixed-sigma planning in configs."""
+"""Tests for the `dpcompress budget` commands (epsilon, sigma, plan, spent) and fixed-sigma planning in configs."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from flows.config import load_config
 from flows.plan import private_stages
 from privacy.accounting import DPEvent, compose_epsilon
 from privacy.config import BudgetConfig
+from privacy.dataset_ledger import DatasetLedger
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = Path(__file__).resolve().parents[2] / "shared/data/glue"
@@ -167,3 +169,82 @@ def test_budget_config_validates_fixed_noise():
     assert BudgetConfig().fixed_noise == {}
     with pytest.raises(ValueError, match="fixed_noise\\['teacher'\\]"):
         BudgetConfig(fixed_noise={"teacher": 0.0})
+
+
+TEACHER = DPEvent(noise_multiplier=1.0, sample_rate=0.02, num_steps=300)
+DISTILL = DPEvent(noise_multiplier=1.5, sample_rate=0.05, num_steps=200)
+
+
+@pytest.fixture()
+def ledger_path(tmp_path) -> Path:
+    """A dataset ledger: study 'first' spent teacher (delta 1e-5) and distill (delta 1e-4) on fp-a, plus a
+    non-private baseline; study 'second' spent teacher on fp-b. RDP keeps the per-release epsilons fast."""
+    path = tmp_path / "ledger.db"
+    with DatasetLedger(path) as ledger:
+        for dataset, study, stage, event, delta in (("fp-a", "first", "teacher", TEACHER, 1e-5),
+                                                    ("fp-a", "first", "distill", DISTILL, 1e-4),
+                                                    ("fp-b", "second", "teacher", TEACHER, 1e-5)):
+            ledger.begin(dataset=dataset, study=study, study_key=study, run_id=study, stage=stage, event=event,
+                         mechanism="dp_sgd", epsilon_budget=100.0, delta=delta, accountant="rdp")
+            ledger.commit(dataset=dataset, run_id=study, stage=stage, stage_key=f"{stage}-key", max_grad_norm=1.0,
+                          noise="secret")
+        ledger.record_nonprivate(dataset="fp-a", study="baseline", study_key="b", run_id="b", stage="nonprivate",
+                                 stage_key="np")
+    return path
+
+
+def test_spent_json_lists_releases_and_composes_each_dataset(capsys, ledger_path):
+    values = run_json(capsys, "spent", "--ledger", str(ledger_path))
+    assert [(r["dataset"], r["study"], r["stage"], r["mechanism"]) for r in values["releases"]] == [
+        ("fp-a", "first", "teacher", "dp_sgd"), ("fp-a", "first", "distill", "dp_sgd"),
+        ("fp-b", "second", "teacher", "dp_sgd"), ("fp-a", "baseline", "nonprivate", "nonprivate")]
+    distill = values["releases"][1]
+    assert distill["epsilon"] == pytest.approx(compose_epsilon([DISTILL], delta=1e-4, accountant="rdp"))
+    assert (distill["delta"], distill["noise"]) == (1e-4, "secret") and distill["date"].startswith("20")
+    assert values["releases"][3]["epsilon"] is None  # non-private: no guarantee
+    fp_a = values["datasets"]["fp-a"]
+    assert fp_a["epsilon"] == pytest.approx(compose_epsilon([TEACHER, DISTILL], delta=1e-4, accountant="rdp"))
+    assert (fp_a["delta"], fp_a["accountant"], fp_a["releases"], fp_a["nonprivate_releases"]) == (1e-4, "rdp", 2, 1)
+    assert set(values["datasets"]) == {"fp-a", "fp-b"}
+    only_b = run_json(capsys, "spent", "--ledger", f"sqlite:///{ledger_path}", "--dataset", "fp-b",
+                      "--accountant", "prv")
+    assert [r["dataset"] for r in only_b["releases"]] == ["fp-b"]
+    assert only_b["datasets"]["fp-b"]["epsilon"] == pytest.approx(
+        compose_epsilon([TEACHER], delta=1e-5, accountant="prv"))
+
+
+def test_spent_text_shows_the_table_and_each_dataset(capsys, ledger_path):
+    assert main(["budget", "spent", "--ledger", str(ledger_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("releases in sqlite:///") and lines[1].split()[:4] == ["dataset", "study", "stage",
+                                                                                      "epsilon"]
+    assert any(line.startswith("fp-a") and "nonprivate" in line and "inf" in line for line in lines)
+    epsilon = compose_epsilon([TEACHER, DISTILL], delta=1e-4, accountant="rdp")
+    assert (f"dataset fp-a: epsilon = {epsilon:.4f} at delta = 0.0001 (rdp accountant, Poisson sampling, unit of "
+            f"privacy: one example) over 2 private release(s), composed; plus 1 non-private release(s)") in lines[-2]
+    assert lines[-1].startswith("dataset fp-b: epsilon = ")
+    assert main(["budget", "spent", "--ledger", str(ledger_path), "--dataset", "fp-none"]) == 0
+    assert capsys.readouterr().out.startswith("no releases recorded for dataset fp-none in sqlite:///")
+
+
+def test_spent_bad_store_exits_2_with_one_line(capsys, tmp_path):
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("not a database\n" * 100)
+    for ledger, expected in ((str(tmp_path / "missing.db"), "no dataset ledger at"),
+                             ("mysql://u@h/db", "unsupported ledger database"),
+                             ("postgresql://u@h/db", "cannot open ledger"),
+                             (str(not_a_db), "cannot read the dataset ledger")):
+        assert main(["budget", "spent", "--ledger", ledger]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_spent_json_from_a_subprocess_reads_the_default_ledger(ledger_path):
+    env = {**os.environ, "DPCOMPRESS_LEDGER_URL": f"sqlite:///{ledger_path}"}
+    argv = [sys.executable, "-m", "flows.cli", "budget", "spent", "--dataset", "fp-a", "--json"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert [r["stage"] for r in values["releases"]] == ["teacher", "distill", "nonprivate"]
+    assert values["ledger"] == f"sqlite:///{ledger_path}"
