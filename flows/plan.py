@@ -66,7 +66,7 @@ def _stage_plans(cfg: StudyConfig, stage: Stage, num_train: int, fixed: dict) ->
         return [_plan(stage.name, stage.train, stage.share, num_train, fixed)]
     name = stats_stage(stage.name)
     stats = StagePlan(stage=name, sample_rate=1.0, num_steps=1, budget_share=stage.share * STATS_SHARE,
-                      noise_multiplier=fixed.get(name, cfg.prune.schedule.stats_noise))
+                      noise_multiplier=fixed.get(name, cfg.prune.schedule.stats_noise), mechanism="gaussian_sum")
     return [stats, _plan(stage.name, stage.train, stage.share * (1 - STATS_SHARE), num_train, fixed)]
 
 

@@ -11,7 +11,7 @@ from prefect import flow
 from compression.prune import stats_stage
 from flows.config import StudyConfig, load_config
 from flows.plan import Stage, lines, plan_inputs
-from tasks.budget import plan_privacy
+from tasks.budget import plan_privacy, release_budget, reserve_budget
 from tasks.data import prepare_data
 from tasks.evaluation import close_study, evaluate_model, open_study, register_final, results_table
 from tasks.structured import structured_round
@@ -44,6 +44,9 @@ def run_study(cfg: StudyConfig) -> list[dict]:
                            for source in cfg.prune.calibration]
         teacher_plan, line_plans = plan_inputs(cfg, data.num_train)
         plan = plan_privacy(teacher=teacher_plan, lines=line_plans, budget=cfg.privacy, num_train=data.num_train)
+        account = reserve_budget(data=data, stages=[teacher_plan, *(s for line in line_plans for s in line)],
+                                 plan=plan, budget=cfg.privacy, study=cfg.name, study_key=study_key(cfg))
+        common["account"] = account  # every private stage charges the dataset's lifetime budget
         models = []
         if cfg.nonprivate.enabled:
             models.append(train_nonprivate(stage="nonprivate_teacher", data=data, model=cfg.model,
@@ -61,6 +64,7 @@ def run_study(cfg: StudyConfig) -> list[dict]:
                                             budgets=plan, common=common, calibration=calibration)
                 models.append(previous)
 
+        release_budget(account=common.pop("account"))
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
         chosen, compared = final_model(cfg, models, evals)
         register_final(model=chosen, compared=compared, task_name=data.task, tracking_uri=uri,
@@ -70,6 +74,8 @@ def run_study(cfg: StudyConfig) -> list[dict]:
                              metric=data.metric, scope=cfg.privacy.scope, tracking_uri=uri, parent_run_id=parent,
                              output_dir=out)
     except BaseException:
+        if "account" in common:
+            release_budget(account=common["account"])
         close_study(tracking_uri=uri, run_id=parent, rows=None, failed=True)
         raise
     close_study(tracking_uri=uri, run_id=parent, rows=rows)

@@ -24,12 +24,12 @@ import sqlalchemy as sa
 from . import ledger_store as store
 from .accounting import BudgetError, DPEvent, compose_epsilon
 from .ledger import MECHANISMS
+from .noise import NOISE_SOURCES
 from .ledger_store import NONPRIVATE, RESERVED, SPENT, Release, default_ledger_url, releases
 
 __all__ = ["DatasetBudgetError", "DatasetLedger", "Release", "default_ledger_url"]
 
 log = logging.getLogger(__name__)
-NOISES = ("secret", "secure", "seeded")  # privacy.noise modes: OS-seeded, cryptographic, reproducible (test only)
 RESERVATION_TTL_S = 48 * 3600.0
 RELATIVE_SLACK = 1e-9  # rounding allowance on the budget, as in Ledger.check_fits
 
@@ -123,11 +123,11 @@ class DatasetLedger:
     def commit(self, *, dataset: str, run_id: str, stage: str, stage_key: str, max_grad_norm: float,
                noise: str) -> Release:
         """After `stage`'s outputs are saved: its reservation becomes a spent release with `stage_key` (the
-        stage's output/cache key), `max_grad_norm` (L2 clipping norm, for audit) and `noise` (one of NOISES).
+        stage's output/cache key), `max_grad_norm` (L2 clipping norm, for audit) and `noise` (one of privacy.noise.NOISE_SOURCES).
         Idempotent for the same stage_key; LookupError if the run never began the stage (or its reservation was
         dropped as stale: a stage that ran longer than the TTL, see `reservation_ttl_s`)."""
-        if noise not in NOISES:
-            raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+        if noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
         if not stage_key or not max_grad_norm > 0:
             raise ValueError(f"commit needs a stage_key and max_grad_norm > 0, got {stage_key!r}, {max_grad_norm!r}")
         ours = (releases.c.dataset == dataset, releases.c.run_id == run_id, releases.c.stage == stage)

@@ -188,13 +188,14 @@ class Ledger:
 class StagePlan:
     """A DP stage still to run. budget_share: this stage's share of the total epsilon; the cumulative
     spend after it may reach target * (shares so far) / (all shares). noise_multiplier: a fixed sigma
-    that `plan_noise` uses as given, or None to calibrate one."""
+    that `plan_noise` uses as given, or None to calibrate one. mechanism: one of MECHANISMS."""
 
     stage: str
     sample_rate: float
     num_steps: int
     budget_share: float
     noise_multiplier: float | None = None
+    mechanism: str = "dp_sgd"
 
     def __post_init__(self) -> None:
         DPEvent(noise_multiplier=self.noise_multiplier or 1.0, sample_rate=self.sample_rate,

@@ -14,8 +14,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .accounting import DPEvent
+from .fingerprint import owner_home
 
-LEDGER_URL_ENV, HOME_ENV = "DPCOMPRESS_LEDGER_URL", "DPCOMPRESS_HOME"
+LEDGER_URL_ENV = "DPCOMPRESS_LEDGER_URL"
 DIALECTS = ("sqlite", "postgresql")
 RESERVED, SPENT = "reserved", "spent"
 NONPRIVATE = "nonprivate"  # mechanism of a release trained without DP: infinite epsilon
@@ -91,8 +92,7 @@ def default_ledger_url() -> str:
     """$DPCOMPRESS_LEDGER_URL if set, else SQLite at $DPCOMPRESS_HOME/ledger.db ($DPCOMPRESS_HOME: ~/.dpcompress)."""
     if os.environ.get(LEDGER_URL_ENV):
         return os.environ[LEDGER_URL_ENV]
-    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".dpcompress").expanduser()
-    return f"sqlite:///{home / 'ledger.db'}"
+    return f"sqlite:///{owner_home().expanduser() / 'ledger.db'}"
 
 
 def resolve_url(url: str | os.PathLike) -> sa.URL:

@@ -1,11 +1,17 @@
-"""Prefect task: calibrate every private stage's noise against the study budget (cached: PRV takes seconds)."""
+"""Prefect tasks for the budget: calibrate every private stage's noise against the study budget (cached: PRV takes
+seconds), and reserve / release the study's releases in the persistent dataset ledger (one lifetime budget per
+dataset, across studies)."""
 from __future__ import annotations
+
+import uuid
 
 from prefect import get_run_logger, task
 
 from privacy.config import BudgetConfig, StageBudget
+from privacy.dataset_ledger import DatasetLedger, default_ledger_url
 from privacy.ledger import StagePlan, plan_lines
 from tasks.caching import STAGE_CACHE
+from tasks.refs import BudgetAccount, DataRef
 
 
 @task(name="plan_privacy", cache_policy=STAGE_CACHE, persist_result=True)
@@ -24,3 +30,29 @@ def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: Bu
                               accountant=budget.accountant, secure_mode=budget.secure_mode,
                               seeded=budget.reproducible_noise)
             for name, sigma in sigmas.items()}
+
+
+@task(name="reserve_budget")
+def reserve_budget(*, data: DataRef, stages: list[StagePlan], plan: dict[str, StageBudget], budget: BudgetConfig,
+                   study: str, study_key: str) -> BudgetAccount:
+    """Reserve every planned release of this run against the dataset's lifetime budget, before any private stage
+    touches the data; DatasetBudgetError (naming the studies that spent it) if they would not fit."""
+    first = plan[stages[0].stage]
+    account = BudgetAccount(url=budget.dataset_ledger or default_ledger_url(), dataset=data.source_fingerprint,
+                            study=study, study_key=study_key, run_id=uuid.uuid4().hex,
+                            epsilon_budget=budget.lifetime_epsilon, delta=first.delta, accountant=first.accountant)
+    planned = [(s.stage, s.event_at(plan[s.stage].noise_multiplier), s.mechanism) for s in stages]
+    with DatasetLedger(account.url) as ledger:
+        reserved = ledger.reserve(dataset=account.dataset, study=study, study_key=study_key, run_id=account.run_id,
+                                  planned=planned, epsilon_budget=account.epsilon_budget, delta=account.delta,
+                                  accountant=account.accountant)
+    get_run_logger().info("dataset budget: reserved %d of %d planned releases (lifetime epsilon %g)", len(reserved),
+                          len(planned), account.epsilon_budget)
+    return account
+
+
+@task(name="release_budget")
+def release_budget(*, account: BudgetAccount) -> None:
+    """Drop this run's reservations that no stage used (stages served from the cache spend nothing)."""
+    with DatasetLedger(account.url) as ledger:
+        ledger.release(run_id=account.run_id)

@@ -13,7 +13,8 @@ from prefect.cache_policies import CachePolicy
 
 _PACKAGES = ("compression", "privacy", "tasks")
 # Where results are logged does not change what they are: a new study run reuses the stages it shares.
-NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id"})
+# Nor does the run that charges the dataset ledger (a fresh id per run).
+NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id", "account"})
 
 
 @lru_cache(maxsize=1)

@@ -58,3 +58,18 @@ class EvalRef:
     model_sha256: str
     results: dict = field(default_factory=dict)
     run_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetAccount:
+    """Where a study run's releases are charged: the persistent dataset ledger (privacy.dataset_ledger) at `url`,
+    the dataset's keyed source fingerprint, the run that reserved, and the lifetime budget checked at `delta`."""
+
+    url: str
+    dataset: str
+    study: str
+    study_key: str
+    run_id: str
+    epsilon_budget: float
+    delta: float
+    accountant: str

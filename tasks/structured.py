@@ -11,14 +11,14 @@ from compression.structured import StructuredConfig, structured_round as prune_s
 from compression.train import TrainConfig
 from privacy.config import StageBudget
 from tasks.caching import STAGE_CACHE, stage_dir
-from tasks.refs import DataRef, ModelRef
+from tasks.refs import BudgetAccount, DataRef, ModelRef
 from tasks.training import _dp_stage, _kd_loss
 
 
 @task(name="structured_round", cache_policy=STAGE_CACHE, persist_result=True)
 def structured_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: StructuredConfig,
                      train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
-                     spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
+                     account: BudgetAccount, spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
                      temperature: float = 2.0) -> ModelRef:
     """Shrink `upstream` to round `round_index`'s targets, then DP fine-tune (KD from `teacher` when distill_alpha > 0);
     `spent`: the ledger to extend."""
@@ -35,7 +35,7 @@ def structured_round(*, stage: str, round_index: int, upstream: ModelRef, data: 
     loss_fn = _kd_loss(load_saved(teacher.path)[0], data, alpha=distill_alpha, temperature=temperature) if kd else None
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=spent or upstream, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     loss_fn=loss_fn, params={"schedule": vars(schedule), "layers_kept": report["num_layers"],
+                     account=account, loss_fn=loss_fn, params={"schedule": vars(schedule), "layers_kept": report["num_layers"],
                                               "parameters_after": report["parameters_after"],
                                               "distill_alpha": distill_alpha if kd else 0.0})
 

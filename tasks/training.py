@@ -27,11 +27,12 @@ from compression.reconstruct import reconstruct
 from compression.train import TrainConfig, dp_train
 from privacy.accounting import DPEvent, compose_epsilon
 from privacy.config import StageBudget
+from privacy.dataset_ledger import DatasetLedger
 from privacy.ledger import Ledger, LedgerEntry
 from tasks import tracking
 from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.console import console
-from tasks.refs import DataRef, ModelRef, sha256_of
+from tasks.refs import BudgetAccount, DataRef, ModelRef, sha256_of
 
 
 def _progress(stage: str, run: tracking.StageRun, ledger: Ledger, event: DPEvent, budget: StageBudget):
@@ -80,14 +81,30 @@ def _sgd_event(train: TrainConfig, data: DataRef, budget: StageBudget) -> DPEven
                    num_steps=train.num_steps(data.num_train))
 
 
+def _begin(account: BudgetAccount, stage: str, event: DPEvent, mechanism: str) -> None:
+    """The dataset's lifetime budget, checked race-free right before a release (privacy.dataset_ledger)."""
+    with DatasetLedger(account.url) as lifetime:
+        lifetime.begin(dataset=account.dataset, study=account.study, study_key=account.study_key,
+                       run_id=account.run_id, stage=stage, event=event, mechanism=mechanism,
+                       epsilon_budget=account.epsilon_budget, delta=account.delta, accountant=account.accountant)
+
+
+def _commit(account: BudgetAccount, stage: str, out: Path, max_grad_norm: float, noise: str) -> None:
+    """The release is spent: its reservation becomes a row of the dataset's history."""
+    with DatasetLedger(account.url) as lifetime:
+        lifetime.commit(dataset=account.dataset, run_id=account.run_id, stage=stage, stage_key=out.name,
+                        max_grad_norm=max_grad_norm, noise=noise)
+
+
 def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig, budget: StageBudget,
               spent: ModelRef | Ledger | None, out: Path, tracking_uri: str, parent_run_id: str,
-              masks=None, loss_fn=None, params: dict | None = None) -> ModelRef:
+              account: BudgetAccount, masks=None, loss_fn=None, params: dict | None = None) -> ModelRef:
     """DP-train `model`, extending the ledger `spent` (a ledger, or the one saved with a model ref)."""
     ledger = spent if isinstance(spent, Ledger) else Ledger.load(spent.ledger_path) if spent else Ledger()
     event = _sgd_event(train, data, budget)
     epsilon = ledger.check_fits(stage=stage, event=event, target_epsilon=budget.target_epsilon,
                                 delta=budget.delta, accountant=budget.accountant)  # refuses before any data
+    _begin(account, stage, event, "dp_sgd")
     with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
         run.params({"train": vars(train), "noise_multiplier": event.noise_multiplier,
                     "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
@@ -107,6 +124,7 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
         if masks:
             save_masks(masks, out / "masks.pt")
             masks_path = str(out / "masks.pt")
+        _commit(account, stage, out, train.max_grad_norm, budget.noise)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds noise RNG state: never outlives the stage
         run.metrics({"epsilon": epsilon, "delta": budget.delta})
         run.tags(tracking.guarantee_tags(epsilon=epsilon, delta=budget.delta, accountant=budget.accountant,
@@ -119,19 +137,20 @@ def _dp_stage(*, stage: str, model, tokenizer, data: DataRef, train: TrainConfig
 
 @task(name="train_teacher", cache_policy=STAGE_CACHE, persist_result=True)
 def train_teacher(*, stage: str, data: DataRef, model: ModelConfig, train: TrainConfig, budget: StageBudget,
-                  output_dir: str, tracking_uri: str, parent_run_id: str) -> ModelRef:
+                  output_dir: str, tracking_uri: str, parent_run_id: str, account: BudgetAccount) -> ModelRef:
     out = stage_dir(output_dir, stage, {"data": data, "model": model, "train": train, "budget": budget})
     net, tokenizer = load_classifier(model.name_or_path, num_labels=data.num_labels, pooling=model.pooling,
                                      dropout=model.dropout, seed=train.seed)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=None, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     params={"model": vars(model)})
+                     account=account, params={"model": vars(model)})
 
 
 @task(name="prune_round", cache_policy=STAGE_CACHE, persist_result=True)
 def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataRef, schedule: PruneConfig,
                 train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str, parent_run_id: str,
-                spent: ModelRef | None = None, teacher: ModelRef | None = None, distill_alpha: float = 0.0,
+                account: BudgetAccount, spent: ModelRef | None = None, teacher: ModelRef | None = None,
+                distill_alpha: float = 0.0,
                 temperature: float = 2.0, rewind: bool = False, stats_budget: StageBudget | None = None,
                 calibration: list[DataRef] | None = None,
                 public_distill: PublicDistillConfig | None = None) -> ModelRef:
@@ -152,7 +171,7 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
     if schedule.releases_statistics and calibration:
         stats = _public_statistics(net, upstream, calibration, schedule, output_dir)
     elif schedule.releases_statistics:
-        ledger, stats = _release_statistics(stage, net, data, schedule, stats_budget, ledger, out,
+        ledger, stats = _release_statistics(stage, net, data, schedule, stats_budget, ledger, out, account,
                                             then=(_sgd_event(train, data, budget), budget), seed=train.seed)
     input_norms = stats.get("input_norms")
     masks = magnitude_masks(net, sparsity=target, include=schedule.include, scope=schedule.scope,
@@ -175,7 +194,7 @@ def prune_round(*, stage: str, round_index: int, upstream: ModelRef, data: DataR
         _distill_on_public(stage, net, reference, source.sha256, calibration, public_distill, masks, output_dir, out)
     return _dp_stage(stage=stage, model=net, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=ledger, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     masks=masks, loss_fn=loss_fn,
+                     account=account, masks=masks, loss_fn=loss_fn,
                      params={"target_sparsity": target, "schedule": vars(schedule), "mask_sparsity": report["overall"],
                              "distill_alpha": distill_alpha, "rewind": rewind,
                              "public_distill": vars(public_distill) if public_distill else None})
@@ -240,7 +259,8 @@ def _public_statistics(net, upstream: ModelRef, calibration: list[DataRef], sche
 
 
 def _release_statistics(stage, net, data: DataRef, schedule: PruneConfig, budget: StageBudget | None,
-                        ledger: Ledger, out: Path, *, then: tuple[DPEvent, StageBudget], seed: int):
+                        ledger: Ledger, out: Path, account: BudgetAccount, *, then: tuple[DPEvent, StageBudget],
+                        seed: int):
     """The ledger with stage `{stage}_stats` recorded, and the DP input statistics: {"input_norms"} (a Gaussian sum of
     norms) or, to reconstruct, {"second_moments", "input_norms"} from one release of second moments (q = 1). Refuses
     before touching data unless both the release and the fine-tuning after it (`then`) fit the budget. A rerun
@@ -257,8 +277,9 @@ def _release_statistics(stage, net, data: DataRef, schedule: PruneConfig, budget
     ledger.check_fits(stage=stage, event=then[0], target_epsilon=then[1].target_epsilon, delta=then[1].delta,
                       accountant=then[1].accountant)
     saved = out / "input_statistics.pt"
-    if saved.exists():
+    if saved.exists():  # released (and charged) by an earlier attempt of this stage
         return ledger, torch.load(saved, weights_only=True)
+    _begin(account, name, event, "gaussian_sum")
     kwargs = {"include": schedule.include, "noise_multiplier": budget.noise_multiplier,
               "secure_mode": budget.secure_mode,  # noise from the OS unless in the seeded test mode
               "generator": torch.Generator().manual_seed(seed) if budget.seeded else None}
@@ -268,6 +289,7 @@ def _release_statistics(stage, net, data: DataRef, schedule: PruneConfig, budget
         stats = {"second_moments": moments, "input_norms": input_norms_from(moments)}
     else:
         stats = {"input_norms": dp_input_norms(net, train_data, **kwargs)}
+    _commit(account, name, out, 1.0, budget.noise)
     torch.save(stats, saved)  # a DP release: safe to keep, and never redrawn
     get_run_logger().info("%s: input statistics released (sigma %.3g, epsilon now %.3f)", name,
                           budget.noise_multiplier, ledger.entries[-1].epsilon_after)
@@ -286,7 +308,7 @@ def _kd_loss(teacher, data: DataRef, *, alpha: float, temperature: float):
 @task(name="distill", cache_policy=STAGE_CACHE, persist_result=True)
 def distill(*, stage: str, teacher: ModelRef, spent: ModelRef, data: DataRef, method: DistillConfig,
             train: TrainConfig, budget: StageBudget, output_dir: str, tracking_uri: str,
-            parent_run_id: str, base_model: str | None = None) -> ModelRef:
+            parent_run_id: str, account: BudgetAccount, base_model: str | None = None) -> ModelRef:
     """DPKD: a student (`method.init`) trained with DP-SGD on (1 - alpha) CE + alpha T^2 KL to the DP teacher."""
     out = stage_dir(output_dir, stage, {"teacher": teacher, "spent": spent, "method": method, "train": train,
                                         "budget": budget, "base": base_model})
@@ -296,12 +318,13 @@ def distill(*, stage: str, teacher: ModelRef, spent: ModelRef, data: DataRef, me
     loss_fn = _kd_loss(net, data, alpha=method.alpha, temperature=method.temperature)
     return _dp_stage(stage=stage, model=student, tokenizer=tokenizer, data=data, train=train, budget=budget,
                      spent=spent, out=out, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     loss_fn=loss_fn, params={"method": vars(method), "student_layers": student.num_layers})
+                     account=account, loss_fn=loss_fn,
+                     params={"method": vars(method), "student_layers": student.num_layers})
 
 
 @task(name="train_nonprivate", cache_policy=STAGE_CACHE, persist_result=True)
 def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, train: TrainConfig, output_dir: str,
-                     tracking_uri: str, parent_run_id: str) -> ModelRef:
+                     tracking_uri: str, parent_run_id: str, account: BudgetAccount) -> ModelRef:
     """A non-private baseline teacher (no noise; epsilon = infinity). Its record is deliberately not a privacy
     ledger, so `Ledger.load` refuses it and no private stage can start from it."""
     out = stage_dir(output_dir, stage, {"data": data, "model": model, "train": train})
@@ -315,6 +338,9 @@ def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, train: Tr
         record = {"format": "dpcompress.nonprivate/1", "epsilon": "inf", "dataset_fingerprint": data.fingerprint,
                   "note": "trained on the private data WITHOUT differential privacy: a baseline, never release it"}
         (out / "ledger.json").write_text(json.dumps(record, indent=2))
+        with DatasetLedger(account.url) as lifetime:  # listed in the dataset's history, never composed
+            lifetime.record_nonprivate(dataset=account.dataset, study=account.study, study_key=account.study_key,
+                                       run_id=account.run_id, stage=stage, stage_key=out.name)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         run.tags({"epsilon": "inf", "private": "false"})
         run.artifact(out / "ledger.json")

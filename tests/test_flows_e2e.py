@@ -114,7 +114,7 @@ def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | No
             privacy: dict | None = None) -> Path:
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/quickstart.yaml").read_text())
     cfg["prune"].setdefault("schedule", {}).update(schedule or {})
-    cfg["privacy"].update(privacy or {})
+    cfg["privacy"].update({"dataset_ledger": str(tmp_path / "ledger.db"), **(privacy or {})})
     small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
     cfg.update(name=name, output_dir=str(tmp_path / "runs"), model={"name_or_path": model})
     cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
@@ -148,7 +148,8 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     from compression.data import DataConfig, load_task
     from flows.study import study
 
-    path = _config(tmp_path, tiny_model, mlflow_server, "tiny")
+    # this study may retrain its stages once with other settings: a lifetime budget for two studies' worth
+    path = _config(tmp_path, tiny_model, mlflow_server, "tiny", privacy={"dataset_budget": 16.5})
     trained = Calls(monkeypatch, "dp_train")
     rows = study(config_path=str(path))
     # Nothing computed on private examples left the process: no loss value and no training text in Prefect's logs
@@ -196,6 +197,19 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     changed = study(config_path=str(path), overrides=["prune.schedule.target_sparsity=0.6"])
     assert trained.count == 4 + 3  # prune_1, prune_2 and distill retrain; the teacher does not
     assert changed[0] == rows[0] and changed[2]["sparsity"] == pytest.approx(0.6, abs=0.01)
+
+    # One budget per dataset: another study on the same source file is refused before it trains anything, naming
+    # the study that spent it; its dataset ledger lists every release of both runs above.
+    from privacy.dataset_ledger import DatasetBudgetError, DatasetLedger
+
+    second = _config(tmp_path, tiny_model, mlflow_server, "second")
+    with pytest.raises(DatasetBudgetError, match=r"(?s)tiny.*dataset_budget"):
+        study(config_path=str(second))
+    assert trained.count == 7
+    with DatasetLedger(tmp_path / "ledger.db") as lifetime:
+        history = lifetime.history()
+    assert [r.stage for r in history] == ["teacher", "prune_1", "prune_2", "distill", "prune_1", "prune_2", "distill"]
+    assert {r.study for r in history} == {"tiny"} and {r.noise for r in history} == {"secret"}
 
 
 def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflow_server, prefect_backend,
@@ -265,6 +279,8 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
         source.update(dir=str(GLUE), max_train_examples=16, max_eval_examples=8)
     cfg["nonprivate"]["train"] = {**small, "max_grad_norm": 1e6}
     cfg["tracking"] = {"uri": mlflow_server, "experiment": "e2e-paper"}
+    cfg["privacy"]["dataset_ledger"] = str(tmp_path / "ledger.db")
+    cfg["privacy"]["dataset_budget"] = 30.0  # the union of the lines at this tiny size (22.1), stated honestly
     path = tmp_path / "paper.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
