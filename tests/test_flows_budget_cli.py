@@ -248,3 +248,12 @@ def test_spent_json_from_a_subprocess_reads_the_default_ledger(ledger_path):
     values = json.loads(result.stdout)
     assert [r["stage"] for r in values["releases"]] == ["teacher", "distill", "nonprivate"]
     assert values["ledger"] == f"sqlite:///{ledger_path}"
+
+
+def test_delta_defaults_below_one_over_n_and_one_over_n_is_refused():
+    from privacy.config import BudgetConfig
+
+    assert BudgetConfig().resolve_delta(8000) == pytest.approx(8000 ** -1.1) and 8000 ** -1.1 < 1 / 8000
+    assert BudgetConfig(delta=1e-6).resolve_delta(8000) == 1e-6
+    with pytest.raises(ValueError, match=r"delta=0.000125 is >= 1/n.*publishing one random example"):
+        BudgetConfig(delta=1 / 8000).resolve_delta(8000)

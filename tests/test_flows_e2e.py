@@ -332,6 +332,13 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     best = max(compressed, key=lambda r: (r["accuracy"], rows.index(r)))
     version = client.search_model_versions("name='paper-sst2'")[0]
     assert version.tags["stage"] == best["stage"]  # several lines: the best compressed private model
+    # its release depends on every line it was compared with: tagged with their union, not its own line's epsilon
+    from privacy.ledger import union_epsilon
+
+    union_compared = union_epsilon([Ledger.load(stage_dirs[r["stage"]] / "ledger.json") for r in compressed],
+                                   delta=best["delta"])
+    assert float(version.tags["epsilon"]) == pytest.approx(union_compared, rel=1e-3) and union_compared > 8.0
+    assert version.tags["epsilon_scope"] == f"union of the {len(compressed)} models compared to select it"
     out = subprocess.run([sys.executable, "-m", "flows.cli", "report", parent.info.run_id, "--tracking-uri",
                           mlflow_server], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
