@@ -84,7 +84,7 @@ class Stepper:
         self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
         self.private = None if mode == "nondp" else PrivateModel(
             model, self.optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=case.batch_size,
-            mode=mode, seed=0)
+            mode=mode, generator=torch.Generator().manual_seed(0))
         per_example_bytes = 4 * sum(p.numel() for p in params)
         fit = max(1, int(case.hooks_memory_gb * 2**30 // per_example_bytes)) if mode == "hooks" else case.batch_size
         self.physical_batch = max(d for d in range(1, case.batch_size + 1) if case.batch_size % d == 0 and d <= fit)
