@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 from transformers import BertConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+
+from privacy import files
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +211,8 @@ def save_sparse(model: nn.Module, masks: dict[str, torch.Tensor], path: str | Pa
         tensors[name + _BITS] = torch.from_numpy(np.packbits(keep.numpy()))
         tensors[name + _VALUES] = tensor.reshape(-1)[keep].to(value_dtype).contiguous()
         shapes[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, tmp, metadata={"format": SPARSE_FORMAT, "sparse": json.dumps(shapes)})
-    tmp.replace(path)
+    blob = save(tensors, metadata={"format": SPARSE_FORMAT, "sparse": json.dumps(shapes)})
+    files.atomic_write(path, lambda file: file.write(blob))
     return path
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from compression.structured import layer_shapes, shrink_to_shapes
+from compression.pruning.structured import layer_shapes, shrink_to_shapes
 
 log = logging.getLogger(__name__)
 

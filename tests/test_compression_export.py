@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from compression.export import (MODELING_FILE, export_hf, layer_dims, load_sparse, read_sparse, save_sparse,
                                 sparse_size_report)
 from compression.models import build_tiny
-from compression.prune import magnitude_masks
+from compression.pruning.masks import prune_masks
 
 INCLUDE = "encoder.encoder.layer."
 
@@ -168,7 +168,7 @@ def test_exported_folder_loads_without_dpcompress(tmp_path, tokenizer):
 
 def _pruned(sparsity=0.5, seed=9):
     model = build_tiny(seed=seed)
-    masks = magnitude_masks(model, sparsity=sparsity, include=INCLUDE)
+    masks = prune_masks(model, sparsity=sparsity, include=INCLUDE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in masks:

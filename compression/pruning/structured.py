@@ -202,7 +202,7 @@ def shrink_to_shapes(model: TextClassifier, shapes: Sequence[Mapping[str, int]])
 class StructuredConfig:
     """Structured pruning in `rounds` rounds. After the last one the model keeps `target_layers` of its original
     layers and, in each kept layer on average, `target_heads` of its original heads and `target_ffn` of its original
-    FFN width. Round r keeps t ** (r / rounds) of each (equal steps in log kept fraction, as `PruneConfig`)."""
+    FFN width. Round r keeps t ** (r / rounds) of each (equal steps in log kept fraction, as `PruneSchedule`)."""
 
     target_layers: float = 0.5   # kept fraction of the original layers (at least one layer stays)
     target_heads: float = 0.5    # kept fraction of the original heads per kept layer (at least one each)
