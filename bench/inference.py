@@ -58,7 +58,7 @@ def load_entry(name: str, path: str) -> Entry:
     def forward(ids, mask, types):
         return model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
 
-    return Entry(name, forward, count_parameters(model), model.config.vocab_size, str(folder))
+    return Entry(name, forward, count_parameters(model), model.get_input_embeddings().num_embeddings, str(folder))
 
 
 def structured_half(teacher) -> tuple[object | None, str | None]:

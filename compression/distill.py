@@ -30,15 +30,14 @@ class StudentConfig:
 
 
 def _keep_layers(model: TextClassifier, layer_map: tuple[int, ...] | None) -> TextClassifier:
-    """A copy of `model` with only the encoder layers in `layer_map` (default 0, 2, 4, ...)."""
+    """A copy of `model` with only the layers in `layer_map` (default 0, 2, 4, ...), for any model family."""
     layer_map = tuple(range(0, model.num_layers, 2)) if layer_map is None else tuple(layer_map)
     bad = [i for i in layer_map if not 0 <= i < model.num_layers]
     if bad or not layer_map:
         raise ValueError(f"layer_map {list(layer_map)}: entries must lie in 0..{model.num_layers - 1} "
                          f"(the model's {model.num_layers} layers), at least one")
     student = copy.deepcopy(model)
-    student.encoder.encoder.layer = nn.ModuleList(copy.deepcopy(model.layers[i]) for i in layer_map)
-    student.encoder.config.num_hidden_layers = len(layer_map)
+    student.family.set_layers(student.encoder, [copy.deepcopy(model.layers[i]) for i in layer_map])
     return student
 
 

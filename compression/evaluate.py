@@ -62,9 +62,10 @@ def predict(model: TextClassifier, data: dict, *, batch_size: int = 64) -> np.nd
 
 
 def sparsity(model: torch.nn.Module, names: list[str] | None = None) -> float:
-    """Fraction of exactly-zero entries over the named parameters (default: all encoder linear weights)."""
+    """Fraction of exactly-zero entries over the named parameters (default: the 2-D weights of the transformer
+    layers, `model.family.layer_prefix`)."""
     params = dict(model.named_parameters())
-    names = names or [n for n, p in params.items() if n.startswith("encoder.encoder.") and p.dim() == 2]
+    names = names or [n for n, p in params.items() if n.startswith(model.family.layer_prefix) and p.dim() == 2]
     total = sum(params[n].numel() for n in names)
     zeros = sum(int((params[n] == 0).sum()) for n in names)
     return zeros / total if total else 0.0

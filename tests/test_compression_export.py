@@ -117,7 +117,7 @@ def test_shrunken_heads_ffn_and_removed_layer_export(tmp_path):
     assert layer_dims(model) == (8, [2, 1], [40, 17])
     forward, loaded = _load_exported(export_hf(model, None, tmp_path / "hf"))
     assert loaded.config.layer_num_heads == [2, 1] and loaded.config.layer_intermediate_sizes == [40, 17]
-    assert len(loaded.bert.encoder.layer) == 2
+    assert len(loaded.encoder.encoder.layer) == 2
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
     batch = _batch(seed=6)
     torch.testing.assert_close(forward(*batch), _logits(model, *batch), atol=1e-5, rtol=0)

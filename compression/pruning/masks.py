@@ -48,7 +48,7 @@ class PruneSchedule:
     sparsities: tuple[float, ...] | None = None   # explicit per-round sparsities; overrides the two above
     scope: Literal["global", "layer", "row"] = "global"   # one threshold over all tensors, per tensor, per row
     scorer: str = "magnitude"
-    include: str = "encoder.encoder.layer."   # name prefix of prunable tensors (2-D weights only)
+    include: str | None = None   # name prefix of prunable tensors (2-D weights only); None: the family's layers
     stats_noise: float = 10.0   # noise multiplier of the input statistics' release (activation scorer, reconstruct)
     reconstruct: bool = False
     reconstruct_damping: float = 0.01   # ridge added to H, relative to its mean diagonal
@@ -97,19 +97,21 @@ class PruneSchedule:
         return 1 - keep
 
 
-def prunable(model: nn.Module, include: str) -> dict[str, nn.Parameter]:
-    """2-D weight tensors whose names start with `include` (default: the encoder layers' linear weights)."""
+def prunable(model: nn.Module, include: str | None = None) -> dict[str, nn.Parameter]:
+    """2-D weight tensors whose names start with `include`; None: the transformer layers' weights of a
+    `TextClassifier` (`model.family.layer_prefix`, e.g. "encoder.encoder.layer." for BERT, "encoder.h." for GPT-2)."""
+    include = model.family.layer_prefix if include is None else include
     return {n: p for n, p in model.named_parameters() if n.startswith(include) and p.dim() == 2}
 
 
-def prune_masks(model: nn.Module, *, sparsity: float, include: str, scope: str = "global",
+def prune_masks(model: nn.Module, *, sparsity: float, include: str | None = None, scope: str = "global",
                     scorer: str = "magnitude", previous: dict[str, torch.Tensor] | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Masks that zero the lowest-scoring `sparsity` fraction of the selected weights: over all of them (scope
     "global"), within each tensor ("layer") or within each output row of each tensor ("row").
 
     Weights already pruned (`previous`) score -inf, so they stay pruned and count toward the target.
-    input_norms: {weight name: [in] feature norms}, for scorer "wanda".
+    input_norms: {weight name: [in] feature norms}, for scorer "wanda". include: as `prunable`.
     """
     params = prunable(model, include)
     if not params:
