@@ -1,4 +1,4 @@
-"""Benchmark: step time and peak memory of DP training (PrivateModel modes hooks, ghost, bk) against non-DP training.
+"""Benchmark: step time and peak memory of DP training (PrivateModel modes hooks, ghost, bookkeeping) against non-DP training.
 Times all modes interleaved in one process; peak RSS in fresh worker processes (see `memory_worker`). Writes JSON
 under bench/results/; not a unit test. `python bench/dp_overhead.py [--quick]`."""
 from __future__ import annotations
@@ -30,7 +30,7 @@ from compression.models import build_tiny, load_classifier  # noqa: E402
 from privacy.engine import PrivateModel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-MODES = ("nondp", "hooks", "ghost", "bk")
+MODES = ("nondp", "hooks", "ghost", "bookkeeping")
 MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072"}
 SIZES = {  # model name -> how to build it
     "minilm": lambda: load_classifier("all-minilm-l6-v2", num_labels=2)[0],

@@ -58,18 +58,18 @@ def load_entry(name: str, path: str) -> Entry:
     def forward(ids, mask, types):
         return model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
 
-    return Entry(name, forward, count_parameters(model), model.config.vocab_size, str(folder))
+    return Entry(name, forward, count_parameters(model), model.get_input_embeddings().num_embeddings, str(folder))
 
 
 def structured_half(teacher) -> tuple[object | None, str | None]:
     """Every layer kept with half its heads and half its FFN units (one magnitude round of
-    `compression.structured`), if that module exists with `StructuredConfig` and `structured_round`. Else
+    `compression.pruning.structured`), if that module exists with `StructuredConfig` and `structured_round`. Else
     (None, reason)."""
-    if importlib.util.find_spec("compression.structured") is None:
-        return None, "compression.structured not present"
-    module = importlib.import_module("compression.structured")
+    if importlib.util.find_spec("compression.pruning.structured") is None:
+        return None, "compression.pruning.structured not present"
+    module = importlib.import_module("compression.pruning.structured")
     if not all(hasattr(module, n) for n in ("StructuredConfig", "structured_round")):
-        return None, "compression.structured lacks StructuredConfig / structured_round"
+        return None, "compression.pruning.structured lacks StructuredConfig / structured_round"
     student = copy.deepcopy(teacher)
     try:
         config = module.StructuredConfig(target_layers=1.0, target_heads=0.5, target_ffn=0.5, rounds=1)

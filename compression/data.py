@@ -1,4 +1,5 @@
-"""GLUE task registry, loading (local TSVs or the HF hub), subsampling, fingerprinting and tokenising.
+"""GLUE task registry, loading (local TSVs or the HF hub), subsampling, fingerprinting, tokenising, and the one
+batching helper every pass over encoded examples uses (length-sorted chunks, right-padded).
 
 Pure data plumbing: no models, no training, no tracking.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from privacy import files
 from privacy.fingerprint import KeyedDigest, keyed_hash
 
 logger = logging.getLogger(__name__)
@@ -301,12 +304,49 @@ def encode(split: Split, tokenizer, *, max_length: int) -> dict[str, torch.Tenso
 
 
 def save_encoded(path, encoded: dict) -> None:
-    """Write the output of `encode` to `path` with torch.save (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(encoded, path)
+    """Write the output of `encode` to `path` atomically (parent folders are created)."""
+    files.torch_save(encoded, path)
 
 
 def load_encoded(path) -> dict:
     """Read what `save_encoded` wrote (weights_only: plain lists and tensors only)."""
     return torch.load(Path(path), weights_only=True)
+
+
+def pad(sequences: Sequence[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D token tensors or 2-D hidden-state tensors; returns (padded, attention_mask)."""
+    length = max(len(s) for s in sequences)
+    out = sequences[0].new_full((len(sequences), length, *sequences[0].shape[1:]), value)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return out, mask
+
+
+def length_chunks(index: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split example indices into chunks of similar length (less padding), at most `size` each; none for no index."""
+    order = index[torch.argsort(lengths[index], stable=True)]
+    return [chunk for chunk in order.split(size) if len(chunk)]
+
+
+def collate(data: dict, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, token_type_ids) `[B, L]` of the examples `index` of `encode`-style `data`."""
+    rows = [int(i) for i in index]
+    input_ids, mask = pad([torch.as_tensor(data["input_ids"][i]) for i in rows])
+    token_types, _ = pad([torch.as_tensor(data["token_type_ids"][i]) for i in rows])
+    return input_ids, mask, token_types
+
+
+def lengths_of(data: dict) -> torch.Tensor:
+    """Token count of every example of `data`."""
+    return torch.tensor([len(ids) for ids in data["input_ids"]])
+
+
+def padded_batches(data: dict, batch_size: int, index: torch.Tensor | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every example of `data` (or of `index`) once, in batches of similar length of at most `batch_size`:
+    (example indices, input_ids, attention_mask, token_type_ids)."""
+    index = torch.arange(len(data["input_ids"])) if index is None else index
+    for chunk in length_chunks(index, lengths_of(data), batch_size):
+        yield (chunk, *collate(data, chunk))

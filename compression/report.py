@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from privacy import files as atomic
+
 COLUMNS = ("stage", "line", "metric", "sparsity", "parameters", "nonzero_parameters", "size_mb", "sparse_size_mb",
            "latency_ms_b1", "latency_ms_b32", "speedup_b32", "epsilon", "delta")
 
@@ -67,7 +69,7 @@ def write_results(rows: list[dict], directory: str | Path, *, metric: str, foote
     frame = results_frame(rows, metric=metric)
     files = {"csv": directory / "results.csv", "markdown": directory / "results.md"}
     frame.to_csv(files["csv"], index=False)
-    files["markdown"].write_text(to_markdown(frame) + (f"\n\n{footer}\n" if footer else "\n"))
+    atomic.write_text(files["markdown"], to_markdown(frame) + (f"\n\n{footer}\n" if footer else "\n"))
     files["sparsity_plot"] = plot(frame, x="sparsity", y=metric, path=directory / "sparsity_vs_metric.png")
     files["epsilon_plot"] = plot(frame, x="epsilon", y=metric, path=directory / "epsilon_vs_metric.png")
     return files

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 
+from flows.tables import format_table
 from privacy.accounting import DPEvent, calibrate_noise, compose_epsilon
 
 SAMPLING, UNIT = "poisson", "example"  # what the accountants assume (privacy/accounting.py)
@@ -100,38 +101,30 @@ def _fail(err: Exception) -> int:
 
 
 def plan_values(cfg, num_train: int) -> dict:
-    """The privacy plan of study `cfg` with `num_train` private examples, as plain values (no I/O).
-
-    Each stage's epsilon is cumulative in run order (scope "study") or along its own line, teacher first
-    (scope "line"); `epsilon` is the study's total (scope "study") or the largest line's."""
-    from flows.plan import line_plans, plan_sigmas, private_stages
+    """The privacy plan of study `cfg` with `num_train` private examples, as plain values (no I/O): the budgets the
+    study's stages will use (flows.plan.plan_study), each stage's epsilon cumulative in run order (scope "study") or
+    along its own line, teacher first (scope "line"); `epsilon` is the study's total or the largest line's."""
+    from flows.plan import cumulative_epsilons, model_lines, plan_study, stage_plans
 
     budget = cfg.privacy
-    target_delta = budget.resolve_delta(num_train)
-    sigmas = plan_sigmas(cfg, num_train)
-    plans = {p.stage: p for p in private_stages(cfg, num_train)}
-    line_of = {p.stage: name for name, stages in line_plans(cfg, num_train).items() for p in stages}
-    rows, history = [], {}
-    for name, plan in plans.items():
-        line = line_of.get(name, "teacher")
-        key = "study" if budget.scope == "study" else line
-        prior = history.get(key, [] if key in ("study", "teacher") else list(history["teacher"]))
-        history[key] = [*prior, plan.event_at(sigmas[name])]
-        rows.append({"stage": name, "line": line, "sample_rate": plan.sample_rate, "steps": plan.num_steps,
-                     "sigma": sigmas[name], "fixed": plan.noise_multiplier is not None,
-                     "epsilon": compose_epsilon(history[key], delta=target_delta, accountant=budget.accountant)})
-    every = [plans[n].event_at(sigmas[n]) for n in plans]
-    total = compose_epsilon(every, delta=target_delta, accountant=budget.accountant)
+    budgets = plan_study(cfg, num_train)
+    spent = cumulative_epsilons(cfg, budgets)
+    teacher, lines = stage_plans(cfg, num_train)
+    fixed = {p.stage for p in [teacher, *(p for line in lines.values() for p in line)] if p.noise_multiplier}
+    line_of = {s.name: name for name, stages in model_lines(cfg).items() for s in stages}
+    rows = [{"stage": name, "line": line_of.get(name, "teacher"), "mechanism": b.mechanism,
+             "sample_rate": b.event.sample_rate, "steps": b.event.num_steps, "sigma": b.noise_multiplier,
+             "fixed": name in fixed, "epsilon": spent[name]} for name, b in budgets.items()]
+    first = next(iter(budgets.values()))
+    total = compose_epsilon([b.event for b in budgets.values()], delta=first.delta, accountant=budget.accountant)
     return {"study": cfg.name, "task": cfg.data.task, "num_train": num_train, "stages": rows, "scope": budget.scope,
             "epsilon": total if budget.scope == "study" else max(r["epsilon"] for r in rows),
-            "epsilon_all_models": total, "target_epsilon": budget.epsilon, "delta": target_delta,
+            "epsilon_all_models": total, "target_epsilon": budget.epsilon, "delta": first.delta,
             "delta_is_default": budget.delta is None, "accountant": budget.accountant,
             "sampling": SAMPLING, "unit": UNIT}
 
 
 def format_plan(values: dict) -> str:
-    from flows.cli import format_table  # here: flows.cli imports this module
-
     table = format_table([{k: ("yes" if v is True else "" if v is False else v) for k, v in row.items()}
                           for row in values["stages"]])
     note = " = n^-1.1" if values["delta_is_default"] else ""
@@ -188,8 +181,6 @@ def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
 
 
 def format_spent(values: dict) -> str:
-    from flows.cli import format_table  # here: flows.cli imports this module
-
     if not values["releases"]:
         which = f" for dataset {values['dataset']}" if values.get("dataset") else ""
         return f"no releases recorded{which} in {values['ledger']}"

@@ -1,4 +1,8 @@
-"""The typed study config: one YAML file, validated before any work, with `--set key=value` overrides."""
+"""The typed study config: one YAML file, validated before any work, with `--set key=value` overrides.
+
+Every private stage has the same shape: a fine-tuning `method` (compression.methods), a `train` section
+(compression.train.TrainConfig) and, where a teacher guides it, `kd` (compression.losses.KDConfig).
+"""
 from __future__ import annotations
 
 import os
@@ -6,15 +10,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from compression.data import DataConfig
-from compression.distill import DistillConfig
+from compression.distill import StudentConfig
+from compression.losses import KDConfig
+from compression.methods import MethodConfig
+from compression.methods.full import FullConfig
 from compression.models import ModelConfig
-from compression.prune import PruneConfig
-from compression.public_kd import PublicDistillConfig
-from compression.structured import StructuredConfig
+from compression.pruning.masks import PruneSchedule
+from compression.pruning.public_distill import PublicDistillConfig
+from compression.pruning.structured import StructuredConfig
 from compression.train import TrainConfig
+from flows.renamed import renamed_keys
 from privacy.config import BudgetConfig
 
 GLUE_DIR_ENV = "DPCOMPRESS_GLUE_DIR"
@@ -24,19 +32,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PruneSection(_Section):
+class StageSection(_Section):
+    """What every private stage has: which parameters train (`method`) and how (`train`)."""
+    method: MethodConfig = FullConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class TeacherSection(StageSection):
+    """The DP teacher: the pretrained model fine-tuned on the private data."""
+
+
+class PruneSection(StageSection):
     """Unstructured DPIMP: masks, then DP fine-tuning each round (optionally with KD from the DP teacher)."""
     enabled: bool = True
-    schedule: PruneConfig = PruneConfig()
+    schedule: PruneSchedule = PruneSchedule()
     train: TrainConfig = TrainConfig(epochs=1.0)
-    distill_alpha: float = Field(0.0, ge=0, le=1)   # KD weight in the fine-tuning loss (0: task loss only)
-    temperature: float = Field(2.0, gt=0)
+    kd: KDConfig = KDConfig()
     rewind: bool = False    # reset surviving weights to the DP teacher's before fine-tuning (no privacy cost)
     # chain: one line, each round prunes the previous round's model further; per_target: every sparsity of the
     # schedule is a line of its own, the DP teacher pruned to it in one round and fine-tuned on the whole share
-    lines: Literal["chain", "per_target"] = "chain"
-    # public text (train splits; labels unused) for activation scores and reconstruction, at no privacy cost: one
-    # data section or a list of them; None: the private data, through a DP release before each round (`{round}_stats`)
+    layout: Literal["chain", "per_target"] = "chain"
+    # public text (train splits; labels unused) for Wanda scores and reconstruction, at no privacy cost: one data
+    # section or a list of them; None: the private data, through a DP release before each round (`{round}_stats`)
     calibration: list[DataConfig] | None = None
     # after masking (and reconstruction), every weight trains to mimic the DP teacher on the calibration texts: no
     # private data, no privacy cost (post-processing of DP releases); then the DP fine-tuning. None: skipped
@@ -55,15 +72,14 @@ class PruneSection(_Section):
         return self
 
 
-class StructuredSection(_Section):
+class StructuredSection(StageSection):
     """Structured DPIMP: whole layers (by weight magnitude or the top ones), attention heads and FFN neurons
     (by weight magnitude) removed, DP fine-tuning after each round (optionally with KD from the DP teacher). Off by
     default."""
     enabled: bool = False
     schedule: StructuredConfig = StructuredConfig()
     train: TrainConfig = TrainConfig(epochs=1.0)
-    distill_alpha: float = Field(0.0, ge=0, le=1)   # KD weight from the DP teacher in the fine-tuning loss
-    temperature: float = Field(2.0, gt=0)
+    kd: KDConfig = KDConfig()
 
     @field_validator("schedule")
     @classmethod
@@ -74,16 +90,16 @@ class StructuredSection(_Section):
         return schedule
 
 
-class DistillSection(_Section):
-    """DPKD: one student (`method`) or one per initialisation in `inits`."""
+class DistillSection(StageSection):
+    """DPKD: one student (`student`) or one per initialisation in `inits`, trained with KD from the DP teacher."""
     enabled: bool = True
-    method: DistillConfig = DistillConfig()
+    student: StudentConfig = StudentConfig()
+    kd: KDConfig = KDConfig(weight=0.5)
     inits: list[Literal["every_other", "pretrained", "random"]] | None = None   # several students, one each
     after: Literal["prune", "teacher"] = "prune"   # compose after the pruning rounds, or a line of its own
-    train: TrainConfig = TrainConfig()
 
 
-class NonPrivateSection(_Section):
+class NonPrivateSection(StageSection):
     """A non-private teacher baseline (epsilon = infinity): no noise; clipping at train.max_grad_norm, so set it
     large. For the results table only: never registered, never an upstream of a private model."""
     enabled: bool = False
@@ -106,7 +122,7 @@ class StudyConfig(_Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     privacy: BudgetConfig = BudgetConfig()
-    teacher: TrainConfig = TrainConfig()
+    teacher: TeacherSection = TeacherSection()
     nonprivate: NonPrivateSection = NonPrivateSection()
     prune: PruneSection = PruneSection()
     structured: StructuredSection = StructuredSection()
@@ -115,9 +131,9 @@ class StudyConfig(_Section):
 
     @model_validator(mode="after")
     def _students_follow_one_line(self) -> "StudyConfig":
-        if self.prune.enabled and self.prune.lines == "per_target" and self.distill.enabled \
+        if self.prune.enabled and self.prune.layout == "per_target" and self.distill.enabled \
                 and self.distill.after == "prune":
-            raise ValueError("distill.after: prune needs prune.lines: chain (with per_target there is no single "
+            raise ValueError("distill.after: prune needs prune.layout: chain (with per_target there is no single "
                              "pruning line to follow); set distill.after: teacher")
         return self
 
@@ -169,6 +185,8 @@ def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides))
+    if moved := renamed_keys(raw):
+        raise ConfigError(f"{path}: keys of an older dpcompress\n" + "\n".join(f"  {line}" for line in moved))
     glue_dir = glue_dir or os.environ.get(GLUE_DIR_ENV)
     if glue_dir and isinstance(raw.get("data"), dict) and not raw["data"].get("dir"):
         raw["data"]["dir"] = str(Path(glue_dir).resolve())

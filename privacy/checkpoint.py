@@ -4,24 +4,23 @@ belongs to. Not here: when to save or how a model is restored (compression.train
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from . import files
 from .accounting import DPEvent
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dpcompress.checkpoint/1"
 FILE_NAME = "checkpoint.pt"
-_TEMP_PREFIX, _TEMP_SUFFIX = ".checkpoint-", ".tmp"
+_TEMP_PREFIX, _TEMP_SUFFIX = f".{FILE_NAME}-", ".tmp"  # privacy.files' temp names
 Settings = dict[str, int | float | str | bool | None]
 
 
@@ -87,26 +86,14 @@ def data_digest(data: Mapping[str, Sequence]) -> str:
 
 
 def save_checkpoint(directory: str | os.PathLike, checkpoint: TrainingCheckpoint) -> Path:
-    """Write `checkpoint` to `directory/checkpoint.pt` atomically: a temp file in the same folder, fsync,
-    `os.replace`, fsync of the folder. A crash at any point leaves the previous checkpoint or the new one. The folder
-    is made owner-only (0700) and the file is created 0600 (mkstemp): it holds the noise generator's state."""
+    """Write `checkpoint` to `directory/checkpoint.pt` atomically (privacy.files: temp file, fsync, rename, fsync of
+    the folder): a crash at any point leaves the previous checkpoint or the new one. The folder is made owner-only
+    (0700) and the file 0600: it holds the noise generator's state."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     payload = {"format": FORMAT, **{f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)}}
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, directory / FILE_NAME)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_directory(directory)
-    return directory / FILE_NAME
+    return files.torch_save(payload, directory / FILE_NAME, mode=0o600)
 
 
 def load_checkpoint(directory: str | os.PathLike, *, settings: Settings) -> TrainingCheckpoint | None:
@@ -142,13 +129,3 @@ def settings_diff(stored: Settings, current: Settings) -> list[str]:
     """Human-readable differences `key: stored -> current` (empty when the settings are equal)."""
     keys = sorted(set(stored) | set(current))
     return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

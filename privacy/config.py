@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from privacy.accounting import DPEvent
 from privacy.noise import noise_source
 
 DELTA_EXPONENT = 1.1  # default delta = n ** -DELTA_EXPONENT for n private training examples
+DEFAULT_SHARES = {"teacher": 0.5, "prune": 0.25, "structured": 0.25, "distill": 0.25}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,11 +16,11 @@ class BudgetConfig:
     """Target (epsilon, delta) for the whole study under add/remove-one-example DP.
 
     `delta=None` means n^-1.1 for n private training examples; a delta >= 1/n is refused (`resolve_delta`).
-    Shares are fractions of the budget given to
-    the teacher, to all pruning rounds together, and to distillation; they are renormalised over the
-    stages that run. `scope` "study": everything the study trains composes into (epsilon, delta); "line": each
-    model line (teacher + its pruning rounds, structured rounds or student) does, with the teacher taking
-    `teacher_share` (< 1) of epsilon in every line (see `privacy.ledger.plan_lines`). `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
+    `shares` maps a kind of stage (`teacher`, `prune`, `structured`, `distill`, ...) to its fraction of the budget
+    (the rounds of a kind share it); they are renormalised over the stages that run. `scope` "study": everything the
+    study trains composes into (epsilon, delta); "line": each model line (teacher + its pruning rounds, structured
+    rounds or student) does, with the teacher taking `shares["teacher"]` (< 1) of epsilon in every line (see
+    `privacy.ledger.plan_lines`). `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
     multiplier it uses as given instead of a calibrated one; the other stages are calibrated around it.
     `reproducible_noise`: TEST MODE. Noise and sampling are seeded from the config, so the models have NO DP
     guarantee; their ledgers say `noise: seeded` and they are never registered with an epsilon.
@@ -30,10 +32,7 @@ class BudgetConfig:
     epsilon: float = 8.0
     delta: float | None = None
     accountant: Literal["prv", "rdp", "pld"] = "prv"
-    teacher_share: float = 0.5
-    prune_share: float = 0.25
-    distill_share: float = 0.25
-    structured_share: float = 0.25
+    shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
     scope: Literal["study", "line"] = "study"
     secure_mode: bool = False
     fixed_noise: dict[str, float] = field(default_factory=dict)
@@ -46,9 +45,9 @@ class BudgetConfig:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        for name in ("teacher_share", "prune_share", "distill_share", "structured_share"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for kind, share in self.shares.items():
+            if isinstance(share, bool) or not share >= 0:
+                raise ValueError(f"shares[{kind!r}] must be a fraction >= 0, got {share!r}")
         for stage, sigma in self.fixed_noise.items():
             if not sigma > 0:
                 raise ValueError(f"fixed_noise[{stage!r}] must be a noise multiplier > 0, got {sigma}")
@@ -76,16 +75,28 @@ class BudgetConfig:
         return self.delta
 
 
+    def share(self, kind: str) -> float:
+        """The budget fraction of a kind of stage (0 for a kind the mapping does not name)."""
+        return float(self.shares.get(kind, 0.0))
+
+
 @dataclass(frozen=True, kw_only=True)
 class StageBudget:
-    """What one training stage is allowed: its calibrated sigma and the study-wide target it must fit under."""
+    """One private stage as the study's plan accounted it: its DP event (sigma, q, steps), mechanism, the target its
+    ledger must stay under, and the noise source. The one source of these numbers for the stage's task, its ledger
+    entry, its progress line and `dpcompress budget plan`."""
 
-    noise_multiplier: float
+    event: DPEvent
+    mechanism: str
     target_epsilon: float
     delta: float
     accountant: str = "prv"
     secure_mode: bool = False
     seeded: bool = False    # test mode: noise and sampling reproducible from the config, NO guarantee
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.event.noise_multiplier
 
     @property
     def noise(self) -> str:

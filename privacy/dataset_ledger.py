@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from . import ledger_store as store
 from .accounting import BudgetError, DPEvent, compose_epsilon
-from .ledger import MECHANISMS
+from .mechanisms import get_mechanism
 from .noise import NOISE_SOURCES
 from .ledger_store import NONPRIVATE, RESERVED, SPENT, Release, default_ledger_url, releases
 
@@ -225,8 +225,10 @@ def _check_args(*, dataset: str, epsilon_budget: float, planned: Planned) -> Non
     for stage, event, mechanism in planned:
         if not isinstance(event, DPEvent):
             raise TypeError(f"stage '{stage}': expected a DPEvent, got {type(event).__name__}")
-        if mechanism not in MECHANISMS:
-            raise ValueError(f"stage '{stage}': mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+        try:
+            get_mechanism(mechanism).check(event)
+        except ValueError as err:
+            raise ValueError(f"stage '{stage}': {err}") from None
 
 
 def _check_budget(counted: Sequence[Release], adding: Planned, *, dataset: str, study: str, epsilon_budget: float,

@@ -19,7 +19,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
-from privacy.bk import BookKeeping
+from privacy.bookkeeping import BookKeeping
 from privacy.noise import make_generator
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ class PrivateModel:
     Args:
         mode: how per-example gradients are clipped; all give the same clipped sum. "ghost": Opacus ghost
             clipping (norms from activations and output gradients, then a second backward); "hooks": Opacus
-            per-example gradients instantiated for every parameter (memory ~ batch x parameters); "bk":
-            book-keeping (privacy.bk), one backward, Linear/Embedding/LayerNorm parameters only.
+            per-example gradients instantiated for every parameter (memory ~ batch x parameters); "bookkeeping":
+            book-keeping (privacy.bookkeeping), one backward, Linear/Embedding/LayerNorm parameters only.
         clipping: "flat" bounds each example's whole gradient by `max_grad_norm` (C); "per_layer" bounds each of
             the L trainable parameter tensors by C / sqrt(L) (total still <= C). Not with mode="ghost".
         secure_mode: Opacus' secure Gaussian sampling (robust to floating-point attacks on the noise).
@@ -86,7 +86,7 @@ class PrivateModel:
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, mode: Literal["ghost", "hooks", "bk"] = "ghost",
+                 max_grad_norm: float, expected_batch_size: int, mode: Literal["ghost", "hooks", "bookkeeping"] = "ghost",
                  clipping: Literal["flat", "per_layer"] = "flat", secure_mode: bool = False,
                  generator: torch.Generator | None = None):
         if noise_multiplier < 0 or max_grad_norm <= 0:
@@ -96,7 +96,7 @@ class PrivateModel:
         if clipping not in ("flat", "per_layer"):
             raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
         if mode == "ghost" and clipping != "flat":
-            raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bk' for per_layer")
+            raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bookkeeping' for per_layer")
         # Seeded from the OS, never from the (public) config; torchcsprng has no build for this torch.
         generator = generator if generator is not None else make_generator()
         self.mode, self.clipping = mode, clipping
@@ -190,7 +190,7 @@ class _OpacusBackend:
 
 
 class _BookKeepingBackend:
-    """bk: clipped sums from privacy.bk, then Opacus's Gaussian noise (same secure-mode sampler) and scaling."""
+    """bookkeeping: clipped sums from privacy.bookkeeping, then Opacus's Gaussian noise (same secure-mode sampler) and scaling."""
 
     def __init__(self, module, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size, clipping,
                  secure_mode, generator):
@@ -227,5 +227,5 @@ class _BookKeepingBackend:
 _BACKENDS = {
     "ghost": lambda *a, **kw: _OpacusBackend(*a, ghost=True, **kw),
     "hooks": lambda *a, **kw: _OpacusBackend(*a, ghost=False, **kw),
-    "bk": _BookKeepingBackend,
+    "bookkeeping": _BookKeepingBackend,
 }

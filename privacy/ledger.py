@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from . import files
 from .accounting import ACCOUNTANTS, BudgetError, DPEvent, calibrate_noise, compose_epsilon
+from .mechanisms import get_mechanism
 from .noise import NOISE_SOURCES
 
 FORMAT = "dpcompress.ledger/1"
 SAMPLINGS = ("poisson",)  # what the accountants assume
 UNITS = ("example",)      # unit of privacy the accountants assume
-# dp_sgd: noisy clipped-gradient steps; gaussian_sum: one noisy sum of per-example statistics normalised to norm
-# max_grad_norm over the whole data set (privacy.stats), i.e. one step at sample rate 1. Both are `DPEvent`s.
-MECHANISMS = ("dp_sgd", "gaussian_sum")
 
 
 class BudgetExceededError(BudgetError):
@@ -35,7 +34,7 @@ class LedgerEntry:
 
     noise_multiplier, sample_rate, num_steps: the stage's DP-SGD run, or its Gaussian-sum release (see `DPEvent`).
     max_grad_norm: per-example clipping (or normalisation) norm (L2), recorded for audit; it does not enter epsilon.
-    mechanism: one of MECHANISMS.
+    mechanism: a name in the mechanism registry (privacy.mechanisms).
     epsilon_after: epsilon of the whole ledger composed up to and including this entry, at `delta`
         with `accountant`.
     dataset_fingerprint: keyed fingerprint (HMAC, privacy.fingerprint) of the private data used ("" if unknown).
@@ -76,11 +75,7 @@ class LedgerEntry:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
         if self.noise not in NOISE_SOURCES:
             raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
-        if self.mechanism == "gaussian_sum" and (self.sample_rate != 1 or self.num_steps != 1):
-            raise ValueError(f"a gaussian_sum release is one step at sample rate 1, got q={self.sample_rate}, "
-                             f"steps={self.num_steps}")
+        get_mechanism(self.mechanism).check(self.event)
 
     @property
     def event(self) -> DPEvent:
@@ -173,11 +168,8 @@ class Ledger:
         return cls(tuple(entries))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the ledger as pretty JSON with sorted keys (atomically: temp file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        """Write the ledger as pretty JSON with sorted keys, atomically (privacy.files)."""
+        files.write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ledger:
@@ -188,7 +180,7 @@ class Ledger:
 class StagePlan:
     """A DP stage still to run. budget_share: this stage's share of the total epsilon; the cumulative
     spend after it may reach target * (shares so far) / (all shares). noise_multiplier: a fixed sigma
-    that `plan_noise` uses as given, or None to calibrate one. mechanism: one of MECHANISMS."""
+    that `plan_noise` uses as given, or None to calibrate one. mechanism: a registered mechanism's name."""
 
     stage: str
     sample_rate: float
@@ -327,3 +319,18 @@ def union_epsilon(ledgers: Sequence[Ledger], *, delta: float, accountant: str = 
     (a stage shared by several lineages, like the teacher, counts once)."""
     entries = {e.stage: e for ledger in ledgers for e in ledger.entries}
     return compose_epsilon([e.event for e in entries.values()], delta=delta, accountant=accountant)
+
+
+def plan_budgets(teacher: StagePlan, lines: Sequence[Sequence[StagePlan]], *, budget, num_train: int) -> dict:
+    """Every stage's `privacy.config.StageBudget` (its event at the calibrated sigma, mechanism, target, delta,
+    accountant, noise source) for a study with `budget` (a `BudgetConfig`) and `num_train` private examples: the one
+    source of these numbers for the stages, their ledgers and `dpcompress budget plan`."""
+    from .config import StageBudget
+
+    delta = budget.resolve_delta(num_train)
+    sigmas = plan_lines(teacher, lines, scope=budget.scope, target_epsilon=budget.epsilon, delta=delta,
+                        accountant=budget.accountant)
+    return {p.stage: StageBudget(event=p.event_at(sigmas[p.stage]), mechanism=p.mechanism,
+                                 target_epsilon=budget.epsilon, delta=delta, accountant=budget.accountant,
+                                 secure_mode=budget.secure_mode, seeded=budget.reproducible_noise)
+            for p in [teacher, *(s for line in lines for s in line)]}

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from privacy.config import BudgetConfig, StageBudget
 from privacy.dataset_ledger import DatasetLedger, default_ledger_url
-from privacy.ledger import StagePlan, plan_lines
+from privacy.ledger import StagePlan, plan_budgets
 from tasks.caching import STAGE_CACHE
 from tasks.refs import BudgetAccount, DataRef
 
@@ -17,31 +17,26 @@ from tasks.refs import BudgetAccount, DataRef
 @task(name="plan_privacy", cache_policy=STAGE_CACHE, persist_result=True)
 def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: BudgetConfig,
                  num_train: int) -> dict[str, StageBudget]:
-    """Sigma per stage so that the study (scope "study") or each line (scope "line") meets (epsilon, delta)."""
-    delta = budget.resolve_delta(num_train)
-    sigmas = plan_lines(teacher, lines, scope=budget.scope, target_epsilon=budget.epsilon, delta=delta,
-                        accountant=budget.accountant)
-    plans = {p.stage: p for p in [teacher, *(s for line in lines for s in line)]}
+    """Every private stage's budget (its DP event at the calibrated sigma) so that the study (scope "study") or each
+    line (scope "line") meets (epsilon, delta)."""
+    budgets = plan_budgets(teacher, lines, budget=budget, num_train=num_train)
     logger = get_run_logger()
-    for name, sigma in sigmas.items():
-        logger.info("privacy plan: %-14s q=%.4g steps=%d sigma=%.4f", name, plans[name].sample_rate,
-                    plans[name].num_steps, sigma)
-    return {name: StageBudget(noise_multiplier=sigma, target_epsilon=budget.epsilon, delta=delta,
-                              accountant=budget.accountant, secure_mode=budget.secure_mode,
-                              seeded=budget.reproducible_noise)
-            for name, sigma in sigmas.items()}
+    for name, stage in budgets.items():
+        logger.info("privacy plan: %-14s q=%.4g steps=%d sigma=%.4f (%s)", name, stage.event.sample_rate,
+                    stage.event.num_steps, stage.noise_multiplier, stage.mechanism)
+    return budgets
 
 
 @task(name="reserve_budget")
-def reserve_budget(*, data: DataRef, stages: list[StagePlan], plan: dict[str, StageBudget], budget: BudgetConfig,
-                   study: str, study_key: str) -> BudgetAccount:
+def reserve_budget(*, data: DataRef, plan: dict[str, StageBudget], budget: BudgetConfig, study: str,
+                   study_key: str) -> BudgetAccount:
     """Reserve every planned release of this run against the dataset's lifetime budget, before any private stage
     touches the data; DatasetBudgetError (naming the studies that spent it) if they would not fit."""
-    first = plan[stages[0].stage]
+    first = next(iter(plan.values()))
     account = BudgetAccount(url=budget.dataset_ledger or default_ledger_url(), dataset=data.source_fingerprint,
                             study=study, study_key=study_key, run_id=uuid.uuid4().hex,
                             epsilon_budget=budget.lifetime_epsilon, delta=first.delta, accountant=first.accountant)
-    planned = [(s.stage, s.event_at(plan[s.stage].noise_multiplier), s.mechanism) for s in stages]
+    planned = [(name, stage.event, stage.mechanism) for name, stage in plan.items()]
     with DatasetLedger(account.url) as ledger:
         reserved = ledger.reserve(dataset=account.dataset, study=study, study_key=study_key, run_id=account.run_id,
                                   planned=planned, epsilon_budget=account.epsilon_budget, delta=account.delta,

@@ -11,10 +11,12 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
+from privacy import files
+
 _PACKAGES = ("compression", "privacy", "tasks")
 # Where results are logged does not change what they are: a new study run reuses the stages it shares.
-# Nor does the run that charges the dataset ledger (a fresh id per run).
-NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id", "account"})
+# Nor does the run that charges the dataset ledger (a fresh id per run): a RunContext is never in a key.
+NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id", "account", "context"})
 
 
 @lru_cache(maxsize=1)
@@ -50,6 +52,13 @@ def jsonable(value: Any) -> Any:
 def inputs_key(stage: str, inputs: dict[str, Any]) -> str:
     payload = json.dumps({"stage": stage, "code": code_version(), "inputs": jsonable(inputs)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def save_once(path: Path, compute) -> Path:
+    """`path` if it exists, else `compute()` saved there atomically first (public, per-input caches shared by lines)."""
+    if not path.exists():
+        files.torch_save(compute(), path)
+    return path
 
 
 def stage_dir(output_dir: str | Path, stage: str, inputs: dict[str, Any]) -> Path:

@@ -10,17 +10,18 @@ from transformers import AutoTokenizer
 
 from compression.data import DataConfig, encode, fingerprint, load_source, row_hashes, save_encoded, subsample_task
 from compression.models import resolve_model_path
+from privacy import files
 from privacy.fingerprint import owner_key
 from tasks import tracking
 from tasks.caching import STAGE_CACHE, stage_dir
-from tasks.refs import DataRef
+from tasks.refs import DataRef, RunContext
 
 ROWS_FILE = "row_hashes.npy"  # keyed hashes of every text of the source's train split: local, for overlap checks
 
 
 @task(name="prepare_data", cache_policy=STAGE_CACHE, persist_result=True)
-def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, tracking_uri: str,
-                 parent_run_id: str, stage: str = "prepare_data", private: DataRef | None = None) -> DataRef:
+def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, context: RunContext,
+                 stage: str = "prepare_data", private: DataRef | None = None) -> DataRef:
     """`stage`: "prepare_data" for the private task, another name (e.g. "prepare_calibration") for public text, which
     is refused if it shares any text with the `private` data's source. Only keyed fingerprints are published."""
     key = owner_key()
@@ -38,8 +39,8 @@ def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, trac
     meta = {"task": spec.name, "metric": spec.metric, "num_labels": spec.num_labels, "num_train": len(train),
             "num_dev": len(dev), "fingerprint": digest, "source_fingerprint": source_digest,
             "source": data.dir or "huggingface hub"}
-    Path(out / "data.json").write_text(json.dumps(meta, indent=2))
-    with tracking.stage_run(uri=tracking_uri, parent_run_id=parent_run_id, stage=stage) as run:
+    files.write_text(out / "data.json", json.dumps(meta, indent=2))
+    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage) as run:
         run.params({"task": spec.name, "source": meta["source"], "max_length": data.max_length,
                     "num_train": len(train), "num_dev": len(dev), "seed": data.seed})
         run.tags({"data_fingerprint": digest, "source_fingerprint": source_digest, "fingerprint": "hmac-sha256"})

@@ -1,7 +1,6 @@
-"""Prefect tasks at the end of a study: evaluate each model on dev, register the final model, close the study."""
+"""Prefect tasks at the end of a study: evaluate each model on dev, the results table, open and close the study run."""
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import math
 from pathlib import Path
@@ -12,14 +11,13 @@ from compression.data import load_encoded
 from compression.evaluate import evaluate
 from compression.export import export_hf, sparse_size_report
 from compression.models import load_saved
-from compression.prune import load_masks
+from compression.pruning.masks import load_masks
 from compression.report import write_results
+from privacy import files
 from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
 from tasks.caching import STAGE_CACHE
 from tasks.refs import DataRef, EvalRef, ModelRef
-
-_PACKAGES = Path(__file__).resolve().parents[1]
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
@@ -27,38 +25,19 @@ def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: 
     """GLUE metric on the public dev split, sparsity, parameters, size and latency; the model exported as a plain HF
     folder (and, if pruned with masks, in sparse form, with its size); logged to the model's run."""
     net, tokenizer = load_saved(model.path)
-    results = evaluate(net, load_encoded(Path(data.path) / "dev.pt"), metric=data.metric, directory=model.path)
+    results = evaluate(net, load_encoded(data.dev_file), metric=data.metric, directory=model.path)
     results.update(epsilon=model.epsilon, delta=model.delta)
     stage_dir = Path(model.path).parent
     export_hf(net, tokenizer, stage_dir / "hf", id2label=None)
     if model.masks_path:
         report = sparse_size_report(net, load_masks(model.masks_path), stage_dir / "sparse")
         results.update(sparse_size_bytes=report["sparse_bytes"], dense_size_bytes=report["dense_bytes"])
-    stage_dir.joinpath("eval.json").write_text(json.dumps(results, indent=2))
+    files.write_text(stage_dir / "eval.json", json.dumps(results, indent=2))
     if model.run_id:
         run = tracking.StageRun(tracking.client(tracking_uri), model.run_id)
         run.metrics({f"dev_{k}": v for k, v in results.items() if k not in ("epsilon", "delta")})
         run.tags({"hf_export": str(stage_dir / "hf")})  # a folder on disk: 90 MB per model is too much to upload
     return EvalRef(stage=model.stage, model_sha256=model.sha256, results=results, run_id=model.run_id)
-
-
-@task(name="register_model", cache_policy=STAGE_CACHE, persist_result=True)
-def register_final(*, model: ModelRef, name: str, task_name: str, tracking_uri: str,
-                   compared: list[ModelRef] | None = None) -> str:
-    """Log the final model (pytorch flavour) and register it, tagged with what its epsilon means. `compared`: the
-    models a selection looked at (by dev metric) before picking `model`; the release then depends on all of them, so
-    its epsilon is their union's. Models trained with seeded noise get no epsilon tag (no guarantee)."""
-    net, _ = load_saved(model.path)
-    ledgers = [Ledger.load(m.ledger_path) for m in (compared or [model])]
-    last = ledgers[-1].entries[-1]
-    noise = "seeded" if not all(ledger.has_guarantee for ledger in ledgers) else last.noise
-    epsilon = union_epsilon(ledgers, delta=model.delta, accountant=last.accountant)
-    scope = (f"union of the {len(ledgers)} models compared to select it" if compared else "its own ledger")
-    tags = {**tracking.guarantee_tags(epsilon=epsilon, delta=model.delta, accountant=last.accountant, noise=noise),
-            "epsilon_scope": scope, "stage": model.stage, "task": task_name, "model_sha256": model.sha256}
-    requirements = [f"{p}=={md.version(p)}" for p in ("torch", "transformers")]
-    return tracking.register_model(uri=tracking_uri, run_id=model.run_id, model=net, name=name, tags=tags,
-                                   pip_requirements=requirements, code_paths=[str(_PACKAGES / "compression")])
 
 
 @task(name="results_table", cache_policy=STAGE_CACHE, persist_result=True)
@@ -80,7 +59,7 @@ def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: 
                             baseline=len(private) < len(models), noises=noises)
     directory = Path(output_dir) / "results"
     write_results(rows, directory, metric=metric, footer=footer)
-    (directory / "footer.txt").write_text(footer)
+    files.write_text(directory / "footer.txt", footer)
     run = tracking.StageRun(tracking.client(tracking_uri), parent_run_id)
     run.artifact(directory, "results")
     run.metrics({"epsilon_all_models": union})

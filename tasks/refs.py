@@ -34,6 +34,14 @@ class DataRef:
     num_train: int
     num_dev: int
 
+    @property
+    def train_file(self) -> Path:
+        return Path(self.path) / "train.pt"
+
+    @property
+    def dev_file(self) -> Path:
+        return Path(self.path) / "dev.pt"
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelRef:
@@ -48,6 +56,17 @@ class ModelRef:
     delta: float
     run_id: str = ""
     masks_path: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsRef:
+    """Tensors saved at `path` (a torch file): statistics of layer inputs released from the private data with DP
+    (with the ledger that recorded it), or computed on public text (no ledger), e.g. a teacher's outputs."""
+
+    stage: str
+    path: str
+    sha256: str
+    ledger_path: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,3 +92,12 @@ class BudgetAccount:
     epsilon_budget: float
     delta: float
     accountant: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunContext:
+    """Where a stage logs and what it charges; none of it changes what the stage computes (not in cache keys)."""
+
+    tracking_uri: str
+    parent_run_id: str
+    account: BudgetAccount | None = None

@@ -13,8 +13,8 @@ def test_dp_overhead_quick_runs_under_a_minute(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["mode"] for r in rows} == {"nondp", "hooks", "ghost", "bk"}
+    assert {r["mode"] for r in rows} == {"nondp", "hooks", "ghost", "bookkeeping"}
     for r in rows:
         assert r["median_step_s"] > 0 and len(r["step_s"]) == 2
         assert r["peak_mb"] > 0 and "time_ratio" in r
-    assert "bk" in proc.stdout
+    assert "bookkeeping" in proc.stdout

@@ -38,7 +38,7 @@ def _train(data, *, checkpoint_dir=None, stop_at=None, sigma=1.0, optimizer="sgd
     Noise and sampling are secret (OS-seeded) unless `noise_seed` is given; tests that compare two runs fix
     the secret seeds with the `fixed_secrets` fixture."""
     model = build_tiny(seed=0)
-    config = TrainConfig(epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1, optimizer=optimizer,
+    config = TrainConfig(epochs=3, batch_size=16, physical_batch_size=8, optimizer=optimizer,
                          learning_rate=0.5, checkpoint_every=2, seed=seed)
     seen = []
 
@@ -88,7 +88,7 @@ def test_result_does_not_depend_on_the_callers_rng_and_leaves_it_alone():
     torch.rand(1000)
     state = torch.get_rng_state()
     dp_train(second, data, noise_multiplier=1.0, noise_seed=0, config=TrainConfig(
-        epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1, learning_rate=0.5))
+        epochs=3, batch_size=16, physical_batch_size=8, learning_rate=0.5))
     _assert_same_weights(first, second)
     assert torch.equal(torch.get_rng_state(), state)
     other, _, _ = _train(data, seed=1, noise_seed=1)  # another seed: other batches, noise and dropout
@@ -115,7 +115,7 @@ def test_noise_and_batches_are_secret_by_default_and_seeded_only_on_request():
     for seen in batches:
         model = build_tiny(seed=0)
         dp_train(model, data, noise_multiplier=1.0, on_step=lambda step, m, seen=seen: seen.append(m["batch_size"]),
-                 config=TrainConfig(epochs=3, batch_size=16, physical_batch_size=8, trainable_layers=1))
+                 config=TrainConfig(epochs=3, batch_size=16, physical_batch_size=8))
         seen.append(model.head.weight.detach().clone())
     assert not torch.equal(batches[0][-1], batches[1][-1])
     assert batches[0][:-1] != batches[1][:-1]  # 12 Poisson batch sizes: equal by chance with negligible probability
@@ -188,7 +188,7 @@ ids = [torch.randint(5, 1000, (int(k),), generator=g).tolist() for k in torch.ra
 labels = torch.randint(0, 2, (300,), generator=g)
 data = {"input_ids": ids, "token_type_ids": [[0] * len(x) for x in ids], "labels": labels}
 model = build_tiny(seed=0)
-config = TrainConfig(epochs=4, batch_size=30, physical_batch_size=16, trainable_layers=1, checkpoint_every=2, seed=5)
+config = TrainConfig(epochs=4, batch_size=30, physical_batch_size=16, checkpoint_every=2, seed=5)
 ran = []
 
 def on_step(step, metrics):

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from compression.export import (MODELING_FILE, export_hf, layer_dims, load_sparse, read_sparse, save_sparse,
                                 sparse_size_report)
 from compression.models import build_tiny
-from compression.prune import magnitude_masks
+from compression.pruning.masks import prune_masks
 
 INCLUDE = "encoder.encoder.layer."
 
@@ -117,7 +117,7 @@ def test_shrunken_heads_ffn_and_removed_layer_export(tmp_path):
     assert layer_dims(model) == (8, [2, 1], [40, 17])
     forward, loaded = _load_exported(export_hf(model, None, tmp_path / "hf"))
     assert loaded.config.layer_num_heads == [2, 1] and loaded.config.layer_intermediate_sizes == [40, 17]
-    assert len(loaded.bert.encoder.layer) == 2
+    assert len(loaded.encoder.encoder.layer) == 2
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
     batch = _batch(seed=6)
     torch.testing.assert_close(forward(*batch), _logits(model, *batch), atol=1e-5, rtol=0)
@@ -168,7 +168,7 @@ def test_exported_folder_loads_without_dpcompress(tmp_path, tokenizer):
 
 def _pruned(sparsity=0.5, seed=9):
     model = build_tiny(seed=seed)
-    masks = magnitude_masks(model, sparsity=sparsity, include=INCLUDE)
+    masks = prune_masks(model, sparsity=sparsity, include=INCLUDE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in masks:

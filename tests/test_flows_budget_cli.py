@@ -12,7 +12,7 @@ import pytest
 
 from flows.cli import main
 from flows.config import load_config
-from flows.plan import private_stages
+from flows.plan import stage_plans
 from privacy.accounting import DPEvent, compose_epsilon
 from privacy.config import BudgetConfig
 from privacy.dataset_ledger import DatasetLedger
@@ -93,7 +93,7 @@ TINY = """
 name: tiny
 data: {{task: sst2, dir: {glue}, max_train_examples: 2000}}
 privacy: {{epsilon: 4.0, accountant: rdp}}
-teacher: {{epochs: 1, batch_size: 256}}
+teacher: {{train: {{epochs: 1, batch_size: 256}}}}
 prune: {{schedule: {{rounds: 1}}, train: {{epochs: 1, batch_size: 256}}}}
 distill: {{train: {{epochs: 1, batch_size: 256}}}}
 """
@@ -155,14 +155,14 @@ def test_plan_config_error_exits_2(capsys, tmp_path):
     assert "privacy.epsilonn" in capsys.readouterr().err
 
 
-def test_private_stages_pass_fixed_noise(tmp_path):
+def test_stage_plans_pass_fixed_noise(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("data: {task: sst2}\nprivacy: {fixed_noise: {distill: 1.5}}\n")
-    stages = private_stages(load_config(path), 1000)
-    assert [(s.stage, s.noise_multiplier) for s in stages] == [
+    teacher, lines = stage_plans(load_config(path), 1000)
+    assert [(s.stage, s.noise_multiplier) for s in [teacher, *lines["unstructured"]]] == [
         ("teacher", None), ("prune_1", None), ("prune_2", None), ("distill", 1.5)]
     with pytest.raises(ValueError, match=r"do not run: \['distill'\]"):
-        private_stages(load_config(path, ["distill.enabled=false"]), 1000)
+        stage_plans(load_config(path, ["distill.enabled=false"]), 1000)
 
 
 def test_budget_config_validates_fixed_noise():

@@ -115,12 +115,11 @@ def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | No
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/quickstart.yaml").read_text())
     cfg["prune"].setdefault("schedule", {}).update(schedule or {})
     cfg["privacy"].update({"dataset_ledger": str(tmp_path / "ledger.db"), **(privacy or {})})
-    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
+    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8}
     cfg.update(name=name, output_dir=str(tmp_path / "runs"), model={"name_or_path": model})
     cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
-    cfg["teacher"] = small
-    cfg["prune"]["train"] = small
-    cfg["distill"]["train"] = small
+    for section in ("teacher", "prune", "distill"):
+        cfg[section].update(train=small, method={"name": "full", "layers": 2})
     cfg["tracking"] = {"uri": uri, "experiment": "e2e"}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -128,11 +127,13 @@ def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | No
 
 
 class Calls:
-    """Counts calls of a function the tasks use (tasks run in threads of this process)."""
+    """Counts calls of a function a task uses, `module.name` (tasks run in threads of this process)."""
 
-    def __init__(self, monkeypatch, name: str, fail_first: bool = False):
-        import tasks.training as module
+    def __init__(self, monkeypatch, where: str, fail_first: bool = False):
+        import importlib
 
+        module_name, name = where.rsplit(".", 1)
+        module = importlib.import_module(module_name)
         self.count, self.fail_first, self.original = 0, fail_first, getattr(module, name)
         monkeypatch.setattr(module, name, self)
 
@@ -150,7 +151,7 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
 
     # this study may retrain its stages once with other settings: a lifetime budget for two studies' worth
     path = _config(tmp_path, tiny_model, mlflow_server, "tiny", privacy={"dataset_budget": 16.5})
-    trained = Calls(monkeypatch, "dp_train")
+    trained = Calls(monkeypatch, "tasks.stage.dp_train")
     rows = study(config_path=str(path))
     # Nothing computed on private examples left the process: no loss value and no training text in Prefect's logs
     # or persisted results (they live on the server and in result storage), only on the local console.
@@ -220,15 +221,15 @@ def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflo
 
     # activation scores from the private data: each round first releases input norms with DP (`{round}_stats`); the
     # seeded test mode is on, and says everywhere that these models have no guarantee
-    path = _config(tmp_path, tiny_model, mlflow_server, "resume", schedule={"scorer": "activation", "scope": "row"},
+    path = _config(tmp_path, tiny_model, mlflow_server, "resume", schedule={"scorer": "wanda", "scope": "row"},
                    privacy={"reproducible_noise": True})
-    released = Calls(monkeypatch, "dp_input_norms")
-    Calls(monkeypatch, "magnitude_masks", fail_first=True)  # prune_1 fails after its release, before training
+    released = Calls(monkeypatch, "compression.pruning.statistics.dp_input_norms")
+    Calls(monkeypatch, "compression.pruning.recipe.prune_masks", fail_first=True)  # prune_1 fails after its release
     with pytest.raises(RuntimeError, match="injected failure"):
         study(config_path=str(path))
     assert released.count == 1
-    teachers = Calls(monkeypatch, "load_classifier")
-    trained = Calls(monkeypatch, "dp_train")
+    teachers = Calls(monkeypatch, "tasks.teacher.load_classifier")
+    trained = Calls(monkeypatch, "tasks.stage.dp_train")
     rows = study(config_path=str(path))
     assert teachers.count == 0, "the finished teacher stage must come from the cache"
     assert trained.count == 3  # prune_1, prune_2, distill
@@ -250,11 +251,11 @@ def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflo
 
 def test_cli_rejects_a_bad_key_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: {task: sst2}\nteacher: {epocs: 3}\n")
+    bad.write_text("data: {task: sst2}\nteacher: {train: {epocs: 3}}\n")
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(bad)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
-    assert "teacher.epocs" in out.stderr and "epochs" in out.stderr
+    assert "teacher.train.epocs" in out.stderr and "epochs" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -269,10 +270,10 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     from privacy.ledger import Ledger
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "flows/configs/paper.yaml").read_text())
-    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8, "trainable_layers": 2}
+    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8}
     cfg.update(name="paper", output_dir=str(tmp_path / "runs"), model={"name_or_path": tiny_model})
     cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
-    cfg["teacher"] = small
+    cfg["teacher"]["train"] = small
     for section in ("prune", "structured", "distill"):
         cfg[section]["train"] = small
     for source in cfg["prune"]["calibration"]:

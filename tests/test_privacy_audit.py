@@ -129,7 +129,7 @@ def test_every_canary_is_its_own_coordinate_of_every_kind_of_tensor():
     assert set(np.abs(sign)) == {1.0}
 
 
-@pytest.mark.parametrize("mode,clipping", [("bk", "flat"), ("bk", "per_layer"), ("ghost", "flat"),
+@pytest.mark.parametrize("mode,clipping", [("bookkeeping", "flat"), ("bookkeeping", "per_layer"), ("ghost", "flat"),
                                            ("hooks", "flat"), ("hooks", "per_layer")])
 def test_each_step_moves_an_included_canary_by_exactly_its_clipped_contribution(mode, clipping):
     """Noise-free, every canary in every batch, three chunks: scores count clipped contributions exactly."""
@@ -141,7 +141,7 @@ def test_each_step_moves_an_included_canary_by_exactly_its_clipped_contribution(
     np.testing.assert_array_equal(run.scores[~run.included], 0.0)
 
 
-@pytest.mark.parametrize("mode,clipping", [("bk", "flat"), ("ghost", "flat"), ("hooks", "flat"), ("bk", "per_layer")])
+@pytest.mark.parametrize("mode,clipping", [("bookkeeping", "flat"), ("ghost", "flat"), ("hooks", "flat"), ("bookkeeping", "per_layer")])
 def test_honest_engine_stays_below_the_accountant_at_the_teacher_settings(mode, clipping):
     audits = _audit(mode=mode, clipping=clipping)
     for delta, audit in audits.items():

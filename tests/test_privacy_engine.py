@@ -1,13 +1,18 @@
 """Oracle tests for the DP engine: clipped sums against one-example-at-a-time microbatches, noise scale,
 Poisson sampling, and masks held at zero through noisy steps."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from compression.models import build_tiny
-from compression.train import TrainConfig, configure_trainable, dp_train, pad
+from compression.data import pad
+from compression.methods import make_trainable
+from compression.methods.bitfit import BiasNormConfig
+from compression.methods.full import FullConfig
+from compression.train import TrainConfig, dp_train
 from privacy.engine import PoissonSampler, PrivateModel
 
 
@@ -42,7 +47,7 @@ def _oracle_update(model, ids, labels, clip):
 @pytest.mark.parametrize("trainable_layers", [0, 2])
 def test_clipped_sum_matches_microbatch_oracle(clip, trainable_layers):
     model = build_tiny(seed=1, dropout=0.0)  # no dropout: the oracle and the engine see the same function
-    configure_trainable(model, trainable_layers)
+    make_trainable(model, FullConfig(layers=trainable_layers))
     ids, labels = _batch()
     expected = _oracle_update(model, ids, labels, clip)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -63,7 +68,7 @@ def test_clipped_sum_matches_microbatch_oracle(clip, trainable_layers):
 
 def test_each_example_is_clipped_to_the_bound():
     model = build_tiny(seed=2, dropout=0.0)
-    configure_trainable(model, 2)
+    make_trainable(model, FullConfig(layers=2))
     ids, labels = _batch(n=5, seed=3)
     clip = 0.05
     params = [p for p in model.parameters() if p.requires_grad]
@@ -81,7 +86,7 @@ def test_each_example_is_clipped_to_the_bound():
 
 def test_noise_has_std_sigma_times_clip_over_batch():
     model = build_tiny(hidden_size=64, intermediate_size=256, seed=3)
-    configure_trainable(model, 2)
+    make_trainable(model, FullConfig(layers=2))
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     sigma, clip, batch = 1.7, 0.3, 4
@@ -100,7 +105,7 @@ def test_noise_has_std_sigma_times_clip_over_batch():
 
 def test_empty_batch_still_takes_a_noise_step():
     model = build_tiny(seed=4)
-    configure_trainable(model, 0)
+    make_trainable(model, FullConfig(layers=0))
     before = model.head.weight.detach().clone()
     private = PrivateModel(model, torch.optim.SGD(model.head.parameters(), lr=1.0), noise_multiplier=1.0,
                            max_grad_norm=1.0, expected_batch_size=2)
@@ -116,10 +121,11 @@ def _random_data(n, seed=0):
 def test_realised_batch_sizes_match_the_accounted_sample_rate():
     """Over a run of dp_train, the examples drawn add up to q * n * steps within 4.5 standard deviations (a sum of
     n * steps Bernoulli(q) draws); sampling at another rate than the accountant's q fails here."""
-    n, config = 1000, TrainConfig(epochs=1, batch_size=50, physical_batch_size=64, trainable_layers=0)
+    n, config = 1000, TrainConfig(epochs=1, batch_size=50, physical_batch_size=64)
     q, steps = config.sample_rate(n), config.num_steps(n)
     sizes = []
-    dp_train(build_tiny(seed=7), _random_data(n, seed=7), config=config, noise_multiplier=1.0,
+    dp_train(build_tiny(seed=7), _random_data(n, seed=7), config=config, method=FullConfig(layers=0),
+             noise_multiplier=1.0,
              on_step=lambda step, metrics: sizes.append(metrics["batch_size"]))
     assert len(sizes) == steps == 20
     mean, sd = q * n * steps, (n * steps * q * (1 - q)) ** 0.5
@@ -137,8 +143,9 @@ def test_empty_poisson_batches_take_noise_only_steps():
         sizes.append(metrics["batch_size"])
         heads.append(model.head.weight.detach().clone())
 
-    config = TrainConfig(epochs=0.05, batch_size=1, physical_batch_size=8, trainable_layers=0)
-    dp_train(model, _random_data(400, seed=8), config=config, noise_multiplier=1.0, on_step=on_step)
+    config = TrainConfig(epochs=0.05, batch_size=1, physical_batch_size=8)
+    dp_train(model, _random_data(400, seed=8), config=config, method=FullConfig(layers=0), noise_multiplier=1.0,
+             on_step=on_step)
     assert len(sizes) == config.num_steps(400) == 20 and 0 in sizes
     first_empty = sizes.index(0)
     previous = heads[first_empty - 1] if first_empty else None
@@ -166,8 +173,8 @@ def test_masked_weights_stay_exactly_zero_through_noisy_steps():
     weight = dict(model.named_parameters())[name]
     mask = (torch.rand_like(weight) > 0.5).float()
     original = copy.deepcopy(weight.detach())
-    dp_train(model, data, config=TrainConfig(epochs=2, batch_size=10, physical_batch_size=4, trainable_layers=2),
-             noise_multiplier=2.0, masks={name: mask})
+    dp_train(model, data, config=TrainConfig(epochs=2, batch_size=10, physical_batch_size=4),
+             method=FullConfig(layers=2), noise_multiplier=2.0, masks={name: mask})
     weight = dict(model.named_parameters())[name].detach()
     assert torch.all(weight[mask == 0] == 0)
     assert not torch.equal(weight[mask == 1], original[mask == 1])  # the unmasked part did train
@@ -177,20 +184,18 @@ def test_bias_norm_trains_only_biases_layernorm_and_the_head():
     model = build_tiny(seed=6)
     ids, labels = _batch(n=40, seed=6)
     data = {"input_ids": [x.tolist() for x in ids], "token_type_ids": [[0] * len(x) for x in ids], "labels": labels}
-    assert configure_trainable(model, 1, "bias_norm") == 1
+    assert make_trainable(model, BiasNormConfig(layers=1)) == 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters()
                          if n.startswith("head.") or (n.startswith("encoder.encoder.layer.1.") and p.dim() == 1)}
     assert any("LayerNorm" in n for n in trainable) and any(n.endswith("dense.bias") for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dp_train(model, data, config=TrainConfig(epochs=2, batch_size=10, physical_batch_size=4, trainable_layers=2,
-                                             trainable_params="bias_norm", encoder_learning_rate=0.5),
+    dp_train(model, data, config=TrainConfig(epochs=2, batch_size=10, physical_batch_size=4, encoder_learning_rate=0.5),
+             method=BiasNormConfig(layers=2),
              noise_multiplier=1.0)
     for name, p in model.named_parameters():
         moved = not torch.equal(before[name], p.detach())
         in_top_two = name.startswith(("encoder.encoder.layer.0.", "encoder.encoder.layer.1."))
         assert moved == (name.startswith("head.") or (in_top_two and p.dim() == 1)), name
-    with pytest.raises(ValueError, match="trainable_params"):
-        TrainConfig(trainable_params="weights")
-    with pytest.raises(ValueError, match="params must be one of"):
-        configure_trainable(model, 1, "lora")
+    with pytest.raises(ValueError, match="unknown method 'weights'"):
+        make_trainable(model, dataclasses.replace(BiasNormConfig(), name="weights"))

@@ -10,6 +10,7 @@ import pytest
 from compression.data import DataConfig
 from tasks import tracking
 from tasks.data import prepare_data
+from tasks.refs import RunContext
 
 SST2 = "sentence\tlabel\n" + "".join(f"private sentence number {i} \t{i % 2}\n" for i in range(30))
 
@@ -33,8 +34,8 @@ def tracking_run(tmp_path_factory):
 def _prepare(glue: Path, task: str, tmp_path: Path, tracking_run, **kw):
     uri, parent = tracking_run
     return prepare_data.fn(data=DataConfig(task=task, dir=str(glue), max_train_examples=20), tokenizer_name=
-                           "all-minilm-l6-v2", output_dir=str(tmp_path / "out"), tracking_uri=uri,
-                           parent_run_id=parent, **kw)
+                           "all-minilm-l6-v2", output_dir=str(tmp_path / "out"),
+                           context=RunContext(tracking_uri=uri, parent_run_id=parent), **kw)
 
 
 def test_public_text_sharing_a_private_text_is_refused(tmp_path, tracking_run):

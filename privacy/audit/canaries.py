@@ -83,7 +83,7 @@ class CanaryScores:
 
 
 def run_canaries(*, num_canaries: int, sample_rate: float, num_steps: int, noise_multiplier: float,
-                 max_grad_norm: float = 1.0, mode: Literal["bk", "ghost", "hooks"] = "bk",
+                 max_grad_norm: float = 1.0, mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping",
                  clipping: Literal["flat", "per_layer"] = "flat", physical_batch_size: int = 512,
                  seed: int = 0) -> CanaryScores:
     """Include each of `num_canaries` canaries with probability 1/2, train on the included ones, score every canary.

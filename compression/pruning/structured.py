@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from compression.families import require_structured
+
 if TYPE_CHECKING:
     from compression.models import TextClassifier
 
@@ -53,6 +55,7 @@ def _unit_sums(parts: list[tuple[nn.Linear, int]], values: Callable[[nn.Paramete
 def _scores(model: TextClassifier, values: Callable[[nn.Parameter], torch.Tensor],
             finish: Callable[[torch.Tensor], torch.Tensor]) -> UnitScores:
     """`finish` of the per-unit sums of `values`; a layer's sum is the sum of its units' (which cover its weights)."""
+    require_structured(model, "structured scores")
     heads, neurons, layers = [], [], []
     for layer in model.layers:
         attention = layer.attention
@@ -84,7 +87,7 @@ def taylor_scores(model: TextClassifier, grads: Mapping[str, torch.Tensor] | Non
         raise ValueError("scorer 'taylor' needs grads: parameter name -> accumulated noisy (DP) gradient")
     by_id = {}
     for name, p in model.named_parameters():
-        if p.dim() == 2 and name.startswith("encoder.encoder.layer."):
+        if p.dim() == 2 and name.startswith(model.family.layer_prefix):
             if name not in grads:
                 raise ValueError(f"scorer 'taylor': grads lacks {name!r} (every encoder layer weight is needed)")
             if tuple(grads[name].shape) != tuple(p.shape):
@@ -125,6 +128,7 @@ def _kept(count: int, remove: Sequence[int], *, what: str) -> torch.Tensor:
 def _plan(model: TextClassifier, units: Mapping[int, Sequence[int]], count: Callable[[nn.Module], int],
           what: str) -> dict[int, torch.Tensor]:
     """Validate every layer's removal before any change, so a bad entry leaves the model untouched."""
+    require_structured(model, f"removing {what}")
     bad = sorted(i for i in units if not 0 <= i < model.num_layers)
     if bad:
         raise ValueError(f"{what}: layer indices {bad} outside 0..{model.num_layers - 1}")
@@ -174,12 +178,12 @@ def remove_layers(model: TextClassifier, layers: Sequence[int]) -> None:
     config = model.encoder.config
     if not hasattr(config, ORIGINAL_LAYERS):
         setattr(config, ORIGINAL_LAYERS, model.num_layers)
-    model.encoder.encoder.layer = nn.ModuleList(model.layers[i] for i in keep)
-    config.num_hidden_layers = len(keep)
+    model.family.set_layers(model.encoder, [model.layers[i] for i in keep])
 
 
 def layer_shapes(model: TextClassifier) -> list[dict[str, int]]:
     """Each layer's `{"num_heads": ..., "intermediate_size": ...}`, read from its weight shapes."""
+    require_structured(model, "layer_shapes")
     return [{"num_heads": _num_heads(layer), "intermediate_size": layer.intermediate.dense.out_features}
             for layer in model.layers]
 
@@ -202,7 +206,7 @@ def shrink_to_shapes(model: TextClassifier, shapes: Sequence[Mapping[str, int]])
 class StructuredConfig:
     """Structured pruning in `rounds` rounds. After the last one the model keeps `target_layers` of its original
     layers and, in each kept layer on average, `target_heads` of its original heads and `target_ffn` of its original
-    FFN width. Round r keeps t ** (r / rounds) of each (equal steps in log kept fraction, as `PruneConfig`)."""
+    FFN width. Round r keeps t ** (r / rounds) of each (equal steps in log kept fraction, as `PruneSchedule`)."""
 
     target_layers: float = 0.5   # kept fraction of the original layers (at least one layer stays)
     target_heads: float = 0.5    # kept fraction of the original heads per kept layer (at least one each)

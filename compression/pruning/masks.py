@@ -1,4 +1,5 @@
-"""Unstructured magnitude pruning: masks over chosen weight tensors, global or per tensor, and schedules.
+"""Unstructured pruning: masks over chosen weight tensors (global, per tensor or per row), by a registry of scorers
+(weight magnitude; Wanda, weight times input norm), and the schedule of rounds.
 
 Masks are plain {0,1} tensors kept beside the model (not `torch.nn.utils.prune` re-parametrisation, which
 Opacus hooks do not see); the training loop multiplies them in after every noisy step. Pure library.
@@ -12,30 +13,33 @@ from typing import Literal
 import torch
 from torch import nn
 
+from privacy import files
+
 # (weight [out, in], its input feature norms [in] or None) -> scores; higher survives
 Scorer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def _activation(weight: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+def _wanda(weight: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): |W_ij| * ||x_j||."""
     if input_norms is None:
-        raise ValueError("scorer 'activation' needs input_norms (see compression.activations.dp_input_norms)")
+        raise ValueError("scorer 'wanda' needs input_norms (see compression.pruning.statistics)")
     return weight.detach().abs() * input_norms.to(weight.dtype)[None, :]
 
 
-SCORERS: dict[str, Scorer] = {"magnitude": lambda w, _: w.detach().abs(), "activation": _activation}
-NEEDS_INPUT_NORMS = frozenset({"activation"})   # scorers that read private data (a DP release before each round)
+SCORERS: dict[str, Scorer] = {"magnitude": lambda w, _: w.detach().abs(), "wanda": _wanda}
+NEEDS_INPUT_NORMS = frozenset({"wanda"})   # scorers that need statistics of the layer inputs
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneConfig:
+class PruneSchedule:
     """Iterative magnitude pruning: `rounds` rounds, each bringing sparsity up to the schedule's next value, or an
     explicit list `sparsities` (one round each, increasing, e.g. [0.5, 0.7, 0.9]).
 
-    scorer "magnitude": |W|; "activation" (Wanda): |W_ij| * ||x_j||, input norms released with DP before each round
+    scorer "magnitude": |W|; "wanda": |W_ij| * ||x_j||, input norms released with DP before each round
     at noise multiplier `stats_noise` (one Gaussian sum over the training set, sample rate 1). Its norms are
     comparable within a tensor only, so it needs scope "layer" (one threshold per tensor) or "row" (per output row).
     reconstruct: after masking, the surviving weights of each row absorb the pruned ones' output under the input
-    second moments (`compression.reconstruct`), released with DP at `stats_noise` (the norms then come from the
+    second moments (`compression.pruning.reconstruct`), released with DP at `stats_noise` (the norms then come from the
     same release: one release per round either way).
     """
 
@@ -44,7 +48,7 @@ class PruneConfig:
     sparsities: tuple[float, ...] | None = None   # explicit per-round sparsities; overrides the two above
     scope: Literal["global", "layer", "row"] = "global"   # one threshold over all tensors, per tensor, per row
     scorer: str = "magnitude"
-    include: str = "encoder.encoder.layer."   # name prefix of prunable tensors (2-D weights only)
+    include: str | None = None   # name prefix of prunable tensors (2-D weights only); None: the family's layers
     stats_noise: float = 10.0   # noise multiplier of the input statistics' release (activation scorer, reconstruct)
     reconstruct: bool = False
     reconstruct_damping: float = 0.01   # ridge added to H, relative to its mean diagonal
@@ -75,8 +79,9 @@ class PruneConfig:
         return self.scorer in NEEDS_INPUT_NORMS
 
     @property
-    def releases_statistics(self) -> bool:
-        """Whether each round first releases statistics of the private data (a ledger stage of its own)."""
+    def needs_statistics(self) -> bool:
+        """Whether each round needs statistics of the layer inputs: from public calibration text, or else released from
+        the private data before the round (a ledger stage of its own)."""
         return self.needs_input_norms or self.reconstruct
 
     @property
@@ -92,24 +97,21 @@ class PruneConfig:
         return 1 - keep
 
 
-def stats_stage(name: str) -> str:
-    """The ledger stage of the DP input-statistics release before pruning stage `name` (`releases_statistics`)."""
-    return f"{name}_stats"
-
-
-def prunable(model: nn.Module, include: str) -> dict[str, nn.Parameter]:
-    """2-D weight tensors whose names start with `include` (default: the encoder layers' linear weights)."""
+def prunable(model: nn.Module, include: str | None = None) -> dict[str, nn.Parameter]:
+    """2-D weight tensors whose names start with `include`; None: the transformer layers' weights of a
+    `TextClassifier` (`model.family.layer_prefix`, e.g. "encoder.encoder.layer." for BERT, "encoder.h." for GPT-2)."""
+    include = model.family.layer_prefix if include is None else include
     return {n: p for n, p in model.named_parameters() if n.startswith(include) and p.dim() == 2}
 
 
-def magnitude_masks(model: nn.Module, *, sparsity: float, include: str, scope: str = "global",
+def prune_masks(model: nn.Module, *, sparsity: float, include: str | None = None, scope: str = "global",
                     scorer: str = "magnitude", previous: dict[str, torch.Tensor] | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Masks that zero the lowest-scoring `sparsity` fraction of the selected weights: over all of them (scope
     "global"), within each tensor ("layer") or within each output row of each tensor ("row").
 
     Weights already pruned (`previous`) score -inf, so they stay pruned and count toward the target.
-    input_norms: {weight name: [in] feature norms}, for scorer "activation".
+    input_norms: {weight name: [in] feature norms}, for scorer "wanda". include: as `prunable`.
     """
     params = prunable(model, include)
     if not params:
@@ -154,7 +156,7 @@ def sparsity_report(masks: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def save_masks(masks: dict[str, torch.Tensor], path) -> None:
-    torch.save({n: m.bool() for n, m in masks.items()}, path)
+    files.torch_save({n: m.bool() for n, m in masks.items()}, path)
 
 
 def load_masks(path) -> dict[str, torch.Tensor]:

@@ -1,11 +1,11 @@
-"""privacy.stats: the Gaussian sum mechanism. Normalisation bounds one example's contribution (the sensitivity),
+"""privacy.mechanisms.gaussian_sum: the Gaussian sum mechanism. Normalisation bounds one example's contribution (the sensitivity),
 the noise has the stated scale, and the release is one-shot. Each test fails if its part is wrong."""
 import math
 
 import pytest
 import torch
 
-from privacy.stats import GaussianSum, SecondMomentSum, normalise
+from privacy.mechanisms.gaussian_sum import GaussianSum, SecondMomentSum, normalise
 
 
 def _batch(n, dims=(3, 5), seed=0, scale=1.0):

@@ -1,6 +1,6 @@
-"""Statistics of the inputs of a model's prunable linear layers, released with DP: feature norms for activation-aware
+"""Statistics of the inputs of a model's prunable linear layers, released with DP: feature norms for Wanda
 pruning scores (Wanda: |W_ij| * ||x_j||, Sun et al. 2023) and second moments for weight reconstruction after
-pruning. The mechanisms are `privacy.stats`; this module only picks the statistic.
+pruning. The mechanisms are `privacy.mechanisms.gaussian_sum`; this module only picks the statistic.
 
 Per example and per distinct layer input x ([L, d]), the statistic is the token mean of x_j^2 (or of x x^T) over
 the example's real tokens (padding excluded). Linear layers fed the same tensor (query, key, value) share one chunk.
@@ -12,9 +12,9 @@ import logging
 import torch
 from torch import nn
 
-from compression.prune import prunable
-from compression.train import length_chunks, pad
-from privacy.stats import GaussianSum, SecondMomentSum
+from compression.pruning.masks import prunable
+from compression.data import padded_batches
+from privacy.mechanisms.gaussian_sum import GaussianSum, SecondMomentSum
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,16 @@ def _token_mean_squares(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.double().pow(2) * real).sum(1) / real.sum(1).clamp_min(1)
 
 
-def _batches(data: dict, batch_size: int):
-    ids = [torch.as_tensor(x) for x in data["input_ids"]]
-    types = [torch.as_tensor(x) for x in data["token_type_ids"]]
-    lengths = torch.tensor([len(x) for x in ids])
-    for chunk in length_chunks(torch.arange(len(ids)), lengths, batch_size):
-        input_ids, mask = pad([ids[i] for i in chunk])
-        token_types, _ = pad([types[i] for i in chunk])
-        yield input_ids, mask, token_types
-
-
 def _accumulate(model, data, include, batch_size, make, add):
-    """One pass over `data`: per batch, the layer inputs go to `add(total, inputs, mask)`; `total = make(keys)` on
-    the first batch. Returns (total, {weight name: chunk key})."""
+    """One pass over `data` (a dataset, or a list of them): per batch, the layer inputs go to `add(total, inputs,
+    mask)`; `total = make(keys)` on the first batch. Returns (total, {weight name: chunk key})."""
     model.eval()
     total, owner = None, None
-    for input_ids, mask, token_types in _batches(data, batch_size):
-        inputs, owner = _layer_inputs(model, include, input_ids, mask, token_types)
-        total = total or make(sorted(inputs))
-        add(total, inputs, mask)
+    for dataset in data if isinstance(data, list | tuple) else [data]:
+        for _, input_ids, mask, token_types in padded_batches(dataset, batch_size):
+            inputs, owner = _layer_inputs(model, include, input_ids, mask, token_types)
+            total = total or make(sorted(inputs))
+            add(total, inputs, mask)
     if total is None:
         raise ValueError("input statistics need at least one example")
     return total, owner
@@ -86,7 +77,7 @@ def _second_moment_sum(model, data, include, batch_size, public):
 def dp_second_moments(model: nn.Module, data: dict, *, include: str, noise_multiplier: float, batch_size: int = 64,
                       secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """{weight name: [d_in, d_in] noisy sum of per-example normalised token-mean x x^T} for the prunable linear
-    weights, from ONE release over every example of `data` (`privacy.stats.SecondMomentSum`: sample rate 1, one
+    weights, from ONE release over every example of `data` (`privacy.mechanisms.gaussian_sum.SecondMomentSum`: sample rate 1, one
     step, sensitivity 1). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
     The square roots of the diagonals serve as input norms (`input_norms_from`)."""
     total, owner = _second_moment_sum(model, data, include, batch_size, public=False)
@@ -97,12 +88,32 @@ def dp_second_moments(model: nn.Module, data: dict, *, include: str, noise_multi
 
 
 @torch.no_grad()
-def public_second_moments(model: nn.Module, data: dict, *, include: str, batch_size: int = 64
+def public_second_moments(model: nn.Module, data: dict | list[dict], *, include: str, batch_size: int = 64
                           ) -> dict[str, torch.Tensor]:
-    """The same statistic as `dp_second_moments`, without noise, from PUBLIC calibration text (no privacy cost)."""
+    """The same statistic as `dp_second_moments`, without noise, from PUBLIC calibration text (a dataset or a list
+    of them, summed; no privacy cost). Query, key and value get the same matrix."""
     total, owner = _second_moment_sum(model, data, include, batch_size, public=True)
     sums = total.noiseless()
     return {weight: sums[key] for weight, key in owner.items()}
+
+
+def public_statistics(model: nn.Module, sources: list[dict], *, include: str) -> dict:
+    """What a pruning round reads, from PUBLIC texts: {"second_moments", "input_norms"}, no noise, no privacy cost."""
+    moments = public_second_moments(model, sources, include=include)
+    return {"second_moments": moments, "input_norms": input_norms_from(moments)}
+
+
+def release_statistics(model: nn.Module, data: dict, *, include: str, reconstruct: bool, noise_multiplier: float,
+                       secure_mode: bool = False, generator: torch.Generator | None = None) -> dict:
+    """What a pruning round reads, from the PRIVATE data in one DP release (sample rate 1, one step, sensitivity 1):
+    second moments and the input norms on their diagonals when the round reconstructs, else the input norms alone.
+    Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling."""
+    kwargs = {"include": include, "noise_multiplier": noise_multiplier, "secure_mode": secure_mode,
+              "generator": generator}
+    if reconstruct:
+        moments = dp_second_moments(model, data, **kwargs)
+        return {"second_moments": moments, "input_norms": input_norms_from(moments)}
+    return {"input_norms": dp_input_norms(model, data, **kwargs)}
 
 
 def input_norms_from(second_moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,7 +126,7 @@ def dp_input_norms(model: nn.Module, data: dict, *, include: str, noise_multipli
                    secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """{weight name: [d_in] noisy input feature norms} for the prunable linear weights, from ONE Gaussian-sum release
     over every example of `data` (the private training set): sample rate 1, one step, sensitivity 1 (see
-    `privacy.stats`). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
+    `privacy.mechanisms.gaussian_sum`). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
 
     The norms are sqrt(max(0, noisy sum)); only their ratios within a tensor matter to per-tensor and per-row masks.
     """

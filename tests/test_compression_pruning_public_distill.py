@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from compression.evaluate import predict
 from compression.models import build_tiny
-from compression.prune import magnitude_masks
-from compression.public_kd import (PublicDistillConfig, distill_loss, public_distill, public_texts,
-                                   teacher_targets)
+from compression.pruning.masks import prune_masks
+from compression.pruning.public_distill import (PublicDistillConfig, distill_loss, public_distill, public_texts,
+                                                teacher_targets)
 from compression.train import apply_masks
 
 
@@ -33,10 +33,11 @@ def test_public_texts_split_pairs_into_single_texts():
     pair = {"input_ids": [[1, 7, 8, 2, 9, 2]], "token_type_ids": [[0, 0, 0, 0, 1, 1]], "labels": [1]}
     single = {"input_ids": [[1, 5, 2]], "token_type_ids": [[0, 0, 0]], "labels": [0]}
     texts = public_texts([pair, single])
-    assert [t[0].tolist() for t in texts] == [[1, 7, 8, 2], [1, 9, 2], [1, 5, 2]]
-    assert all(t[1].tolist() == [0] * len(t[0]) for t in texts)
+    assert [t.tolist() for t in texts["input_ids"]] == [[1, 7, 8, 2], [1, 9, 2], [1, 5, 2]]
+    assert all(t.tolist() == [0] * len(i) for i, t in zip(texts["input_ids"], texts["token_type_ids"]))
     kept = public_texts([pair], split_pairs=False)
-    assert [t[0].tolist() for t in kept] == [[1, 7, 8, 2, 9, 2]] and kept[0][1].tolist() == [0, 0, 0, 0, 1, 1]
+    assert [t.tolist() for t in kept["input_ids"]] == [[1, 7, 8, 2, 9, 2]]
+    assert kept["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1]
 
 
 def test_distill_loss_by_hand():
@@ -66,7 +67,7 @@ def test_teacher_targets_follow_input_order():
 def test_public_distill_moves_the_student_to_the_teacher_and_keeps_masks():
     teacher = build_tiny(num_layers=2, seed=1)
     student = build_tiny(num_layers=1, seed=2)  # another shape, other weights
-    masks = magnitude_masks(student, sparsity=0.5, include="encoder.encoder.layer.")
+    masks = prune_masks(student, sparsity=0.5, include="encoder.encoder.layer.")
     apply_masks(student, masks)
     frozen = copy.deepcopy(teacher.state_dict())
     public = _encoded(64, pairs=True, seed=1)

@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from compression.data import collate, lengths_of, padded_batches
+from compression.losses import kd_term
 from compression.models import TextClassifier
-from compression.train import apply_masks, length_chunks, pad
-
-Text = tuple[torch.Tensor, torch.Tensor]   # (input_ids, token_type_ids), unpadded
+from compression.train import apply_masks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,27 +44,23 @@ class PublicDistillConfig:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight!r}")
 
 
-def public_texts(sources: Sequence[dict], *, split_pairs: bool = True) -> list[Text]:
-    """The texts of encoded public datasets (`compression.data.encode` output; labels unused). With `split_pairs`, a
-    pair (token types 0 then 1) becomes its first segment and `[first token] + second segment`."""
-    texts: list[Text] = []
+def public_texts(sources: Sequence[dict], *, split_pairs: bool = True) -> dict:
+    """The texts of encoded public datasets (`compression.data.encode` output; labels unused), as one
+    `{"input_ids", "token_type_ids"}` collection. With `split_pairs`, a pair (token types 0 then 1) becomes its first
+    segment and `[first token] + second segment`."""
+    ids_out, types_out = [], []
     for data in sources:
         for ids, types in zip(data["input_ids"], data["token_type_ids"]):
             ids, types = torch.as_tensor(ids), torch.as_tensor(types)
             second = types == 1
             if not split_pairs or not bool(second.any()):
-                texts.append((ids, types))
+                ids_out.append(ids)
+                types_out.append(types)
                 continue
-            texts.append((ids[~second], torch.zeros_like(ids[~second])))
             tail = torch.cat([ids[:1], ids[second]])
-            texts.append((tail, torch.zeros_like(tail)))
-    return texts
-
-
-def _batch(texts: Sequence[Text]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, mask = pad([t[0] for t in texts])
-    types, _ = pad([t[1] for t in texts])
-    return ids, mask, types
+            ids_out += [ids[~second], tail]
+            types_out += [torch.zeros_like(ids[~second]), torch.zeros_like(tail)]
+    return {"input_ids": ids_out, "token_type_ids": types_out}
 
 
 def _outputs(model: TextClassifier, ids, mask, types) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,26 +69,21 @@ def _outputs(model: TextClassifier, ids, mask, types) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def teacher_targets(teacher: TextClassifier, texts: Sequence[Text], *, batch_size: int = 128) -> dict:
+def teacher_targets(teacher: TextClassifier, texts: dict, *, batch_size: int = 128) -> dict:
     """The teacher's pooled representation `[N, H]` and logits `[N, C]` for every text, in input order (eval mode)."""
     teacher.eval()
-    lengths = torch.tensor([len(t[0]) for t in texts])
-    pooled = torch.empty(len(texts), teacher.head.in_features)
-    logits = torch.empty(len(texts), teacher.num_labels)
-    for chunk in length_chunks(torch.arange(len(texts)), lengths, batch_size):
-        pooled[chunk], logits[chunk] = _outputs(teacher, *_batch([texts[i] for i in chunk]))
+    count = len(texts["input_ids"])
+    pooled = torch.empty(count, teacher.head.in_features)
+    logits = torch.empty(count, teacher.num_labels)
+    for chunk, ids, mask, types in padded_batches(texts, batch_size):
+        pooled[chunk], logits[chunk] = _outputs(teacher, ids, mask, types)
     return {"pooled": pooled, "logits": logits}
 
 
 def distill_loss(pooled, logits, target_pooled, target_logits, *, temperature: float, hidden_weight: float,
                  hidden_scale: float) -> torch.Tensor:
     """Mean over the batch of the logit term plus `hidden_weight` * ||pooled - target||^2 / `hidden_scale`."""
-    if logits.shape[-1] == 1:
-        soft = ((logits - target_logits) ** 2).squeeze(-1)
-    else:
-        log_p = F.log_softmax(logits / temperature, dim=-1)
-        log_q = F.log_softmax(target_logits / temperature, dim=-1)
-        soft = temperature**2 * (log_q.exp() * (log_q - log_p)).sum(-1)
+    soft = kd_term(logits, target_logits, temperature=temperature)
     hidden = ((pooled - target_pooled) ** 2).sum(-1) / hidden_scale
     return (soft + hidden_weight * hidden).mean()
 
@@ -109,7 +99,7 @@ def _batches(num_texts: int, lengths: torch.Tensor, size: int, generator: torch.
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def public_distill(student: TextClassifier, teacher: TextClassifier, texts: Sequence[Text], *,
+def public_distill(student: TextClassifier, teacher: TextClassifier, texts: dict, *,
                    config: PublicDistillConfig, targets: dict | None = None,
                    masks: dict[str, torch.Tensor] | None = None,
                    on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -117,12 +107,13 @@ def public_distill(student: TextClassifier, teacher: TextClassifier, texts: Sequ
     pruned weights at zero after every step. `targets`: `teacher_targets` output, if already computed. Seeded
     (batches and dropout): a rerun gives the same student. Returns `{"num_steps", "loss_first", "loss_last"}`
     (losses on public texts only)."""
-    if len(texts) < config.batch_size:
-        raise ValueError(f"public distillation needs at least batch_size={config.batch_size} texts, got {len(texts)}")
+    count = len(texts["input_ids"])
+    if count < config.batch_size:
+        raise ValueError(f"public distillation needs at least batch_size={config.batch_size} texts, got {count}")
     targets = targets if targets is not None else teacher_targets(teacher, texts)
     scale = float(targets["pooled"].pow(2).sum(-1).mean().clamp(min=1e-12))
-    lengths = torch.tensor([len(t[0]) for t in texts])
-    num_steps = max(1, math.ceil(config.epochs * (len(texts) // config.batch_size)))
+    lengths = lengths_of(texts)
+    num_steps = max(1, math.ceil(config.epochs * (count // config.batch_size)))
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=0.0)
     warmup = min(50, max(1, num_steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -134,8 +125,8 @@ def public_distill(student: TextClassifier, teacher: TextClassifier, texts: Sequ
     with torch.random.fork_rng(devices=[]):  # dropout draws from a seeded stream
         torch.manual_seed(config.seed)
         while len(losses) < num_steps:
-            for index in _batches(len(texts), lengths, config.batch_size, generator)[:num_steps - len(losses)]:
-                pooled, logits = _outputs(student, *_batch([texts[i] for i in index]))
+            for index in _batches(count, lengths, config.batch_size, generator)[:num_steps - len(losses)]:
+                pooled, logits = _outputs(student, *collate(texts, index))
                 loss = distill_loss(pooled, logits, targets["pooled"][index], targets["logits"][index],
                                     temperature=config.temperature, hidden_weight=config.hidden_weight,
                                     hidden_scale=scale)

@@ -1,9 +1,9 @@
-"""compression.reconstruct: the per-row update against least squares solved independently, PSD projection, and
+"""compression.pruning.reconstruct: the per-row update against least squares solved independently, PSD projection, and
 masks kept exactly."""
 import torch
 from torch import nn
 
-from compression.reconstruct import psd_projection, reconstruct
+from compression.pruning.reconstruct import psd_projection, reconstruct
 
 
 def _layer(seed=0, d_in=12, d_out=5, tokens=200):

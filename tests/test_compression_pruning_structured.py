@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from compression.models import build_tiny, count_parameters, load_saved, save_classifier
-from compression.structured import (SCORERS, StructuredConfig, layer_shapes, magnitude_scores, remove_heads,
+from compression.pruning.structured import (SCORERS, StructuredConfig, layer_shapes, magnitude_scores, remove_heads,
                                     remove_layers, remove_neurons, round_targets, structured_round, taylor_scores)
-from compression.train import configure_trainable, pad
+from compression.data import pad
+from compression.methods import make_trainable
+from compression.methods.full import FullConfig
 from privacy.engine import PrivateModel
 
 HIDDEN, HEADS, FFN, LAYERS = 32, 4, 64, 4
@@ -265,7 +267,7 @@ def _oracle_update(model, ids, labels, clip):
 def test_bk_dp_step_on_a_shrunken_model_matches_microbatch_oracle(clip):
     model = _shrunk(seed=7)
     remove_layers(model, [1])
-    configure_trainable(model, model.num_layers)
+    make_trainable(model, FullConfig(layers=model.num_layers))
     g = torch.Generator().manual_seed(7)
     ids = [torch.randint(5, 1000, (int(k),), generator=g) for k in torch.randint(3, 9, (6,), generator=g)]
     labels = torch.randint(0, 2, (6,), generator=g)
@@ -273,7 +275,7 @@ def test_bk_dp_step_on_a_shrunken_model_matches_microbatch_oracle(clip):
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     private = PrivateModel(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
-                           expected_batch_size=len(ids), mode="bk", clipping="flat")
+                           expected_batch_size=len(ids), mode="bookkeeping", clipping="flat")
     for chunk in ([0, 1, 2, 3], [4, 5]):  # two physical chunks of one logical batch
         input_ids, mask = pad([ids[i] for i in chunk])
         private.backward(F.cross_entropy(model(input_ids, mask, torch.zeros_like(input_ids)), labels[chunk],
@@ -301,7 +303,7 @@ def test_round_index_outside_the_schedule_is_refused():
 def test_trainable_layers_beyond_a_shrunk_models_depth_train_all_of_them():
     model = _tiny()
     remove_layers(model, [0, 1])
-    assert configure_trainable(model, 6) == 0
+    assert make_trainable(model, FullConfig(layers=6)) == 0
     assert all(p.requires_grad for p in model.layers.parameters())
-    with pytest.raises(ValueError, match="trainable_layers must be >= 0"):
-        configure_trainable(model, -1)
+    with pytest.raises(ValueError, match="layers must be an integer >= 0 or 'all'"):
+        FullConfig(layers=-1)

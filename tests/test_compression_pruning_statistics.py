@@ -1,13 +1,13 @@
-"""compression.activations: DP input norms against a microbatch oracle (one example at a time, unpadded, by hand),
+"""compression.pruning.statistics: DP input norms against a microbatch oracle (one example at a time, unpadded, by hand),
 chunk sharing between layers fed one tensor, and the noise entering the released norms."""
 import math
 
 import pytest
 import torch
 
-from compression.activations import _layer_inputs, dp_input_norms
+from compression.pruning.statistics import _layer_inputs, dp_input_norms
 from compression.models import build_tiny
-from compression.prune import prunable
+from compression.pruning.masks import prunable
 
 INCLUDE = "encoder.encoder.layer."
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from privacy.accounting import DPEvent
+from privacy.mechanisms import Mechanism, register_mechanism
 from privacy.noise import gaussian, make_generator
 
 
@@ -33,7 +35,7 @@ def normalise(chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class _OneRelease:
+class _SingleNoisyRelease:
     """What both accumulators share: the sums stay inside until one noisy release (or, for public data only,
     `noiseless`). Subclasses keep `self._sums` (empty until the first `add`) and call `_start_release`."""
 
@@ -64,7 +66,7 @@ class _OneRelease:
         return generator if generator is not None else make_generator()
 
 
-class GaussianSum(_OneRelease):
+class GaussianSum(_SingleNoisyRelease):
     """Accumulates normalised per-example chunks over the whole data set, then releases the sum once with noise.
 
     keys: a name per chunk, in the order `add` receives them. The noiseless sum is private: only `release`'s
@@ -98,7 +100,7 @@ class GaussianSum(_OneRelease):
         return out
 
 
-class SecondMomentSum(_OneRelease):
+class SecondMomentSum(_SingleNoisyRelease):
     """Per-example second moments of token features, summed over the data set and released once with noise.
 
     Each example contributes, for each key (a layer input, [L, d] tokens), the token mean of x x^T over its real
@@ -138,3 +140,14 @@ class SecondMomentSum(_OneRelease):
             out[key] = total + upper + upper.triu(1).T
         self._sums = {}
         return out
+
+
+def _one_full_release(event: DPEvent) -> None:
+    if event.sample_rate != 1 or event.num_steps != 1:
+        raise ValueError(f"a gaussian_sum release is one step at sample rate 1, got q={event.sample_rate}, "
+                         f"steps={event.num_steps}")
+
+
+register_mechanism(Mechanism(
+    name="gaussian_sum", check=_one_full_release,
+    summary="one noisy sum of per-example statistics, each normalised to norm 1, over the whole data set"))

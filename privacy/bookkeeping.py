@@ -11,12 +11,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from privacy.bk_layers import RULES, GramCache, Rule, trainable_param
+from privacy.bookkeeping_layers import RULES, GramCache, Rule, trainable_param
 
 log = logging.getLogger(__name__)
 
 
-class _Tap(torch.autograd.Function):
+class _OutputGradientTap(torch.autograd.Function):
     """Identity on a layer's output that hands the output gradient to `on_grad`.
 
     The layer ran with detached parameters, so autograd computes no parameter gradients; the trainable
@@ -35,7 +35,7 @@ class _Tap(torch.autograd.Function):
 
 
 def _supported_layers(module: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
-    """Modules with trainable parameters, each with its rule; a clear error for anything bk cannot clip."""
+    """Modules with trainable parameters, each with its rule; a clear error for anything book-keeping cannot clip."""
     layers, owners = [], {}
     for name, sub in module.named_modules():
         own = [(n, p) for n, p in sub.named_parameters(recurse=False) if p.requires_grad]
@@ -43,14 +43,14 @@ def _supported_layers(module: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
             continue
         rule = RULES.get(type(sub))
         if rule is None:
-            raise ValueError(f"bk cannot clip trainable parameter {name}.{own[0][0]} of unsupported module type "
+            raise ValueError(f"book-keeping cannot clip trainable parameter {name}.{own[0][0]} of unsupported module type "
                              f"{type(sub).__name__}; supported: {sorted(t.__name__ for t in RULES)} "
                              "(freeze it with requires_grad_(False) or use mode='hooks')")
         for n, p in own:
             if n not in rule.params:
-                raise ValueError(f"bk does not know parameter {name}.{n} of {type(sub).__name__}")
+                raise ValueError(f"book-keeping does not know parameter {name}.{n} of {type(sub).__name__}")
             if p in owners:
-                raise ValueError(f"bk does not support shared parameters: {name}.{n} is also {owners[p]}")
+                raise ValueError(f"book-keeping does not support shared parameters: {name}.{n} is also {owners[p]}")
             owners[p] = f"{name}.{n}"
         if "forward" in sub.__dict__:
             raise ValueError(f"{name} already has an instance-level forward (is another engine attached?)")
@@ -76,7 +76,7 @@ class BookKeeping:
         self.params = [p for _, sub, rule in self._layers for n in rule.params
                        if (p := trainable_param(sub, n)) is not None]
         if not self.params:
-            raise ValueError("bk found no trainable parameters in the module")
+            raise ValueError("book-keeping found no trainable parameters in the module")
         self.layer_bound = max_grad_norm / math.sqrt(len(self.params)) if clipping == "per_layer" else max_grad_norm
         self._captures: list = []
         self._captured: set[int] = set()
@@ -85,20 +85,20 @@ class BookKeeping:
         self._last_norms = torch.zeros(0)
         for _, sub, rule in self._layers:
             sub.forward = partial(self._forward, sub, rule)
-        log.debug("bk attached to %d layers, %d parameter tensors", len(self._layers), len(self.params))
+        log.debug("book-keeping attached to %d layers, %d parameter tensors", len(self._layers), len(self.params))
 
     def _forward(self, sub: nn.Module, rule: Rule, x: torch.Tensor) -> torch.Tensor:
         out = rule.forward(sub, x)
         if not torch.is_grad_enabled():
             return out
         params = [p for n in rule.params if (p := trainable_param(sub, n)) is not None]
-        return _Tap.apply(partial(self._capture, sub, rule, x, x._version), out, *params)
+        return _OutputGradientTap.apply(partial(self._capture, sub, rule, x, x._version), out, *params)
 
     def _capture(self, sub: nn.Module, rule: Rule, x: torch.Tensor, version: int, grad: torch.Tensor) -> None:
-        if x._version != version:  # autograd checks its saved tensors; this input is held by bk instead
-            raise RuntimeError(f"bk: the input of a {type(sub).__name__} was modified in place after the forward")
+        if x._version != version:  # autograd checks its saved tensors; this input is held by book-keeping instead
+            raise RuntimeError(f"book-keeping: the input of a {type(sub).__name__} was modified in place after the forward")
         if id(sub) in self._captured:
-            raise RuntimeError(f"bk: {type(sub).__name__} ran more than once in one forward (shared layers are "
+            raise RuntimeError(f"book-keeping: {type(sub).__name__} ran more than once in one forward (shared layers are "
                                "not supported: per-example gradients of the uses would have to be summed first)")
         self._captured.add(id(sub))
         self._captures.append(rule.capture(sub, x, grad, self._grams))
@@ -117,7 +117,7 @@ class BookKeeping:
         total = loss_per_example.new_zeros(batch)
         for p, sq in sq_norms.items():
             if sq.shape != (batch,):  # a [1] norm would silently broadcast one example's norm to the whole chunk
-                raise RuntimeError(f"bk: a per-example norm of shape {tuple(sq.shape)} for a parameter of shape "
+                raise RuntimeError(f"book-keeping: a per-example norm of shape {tuple(sq.shape)} for a parameter of shape "
                                    f"{tuple(p.shape)}; expected [{batch}] (one per example)")
             total = total + sq.detach().to(total)
         self._last_norms = total.sqrt()

@@ -139,13 +139,13 @@ def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _embedding(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-        raise ValueError(f"bk supports nn.Embedding without max_norm, scale_grad_by_freq or sparse; got {module}")
+        raise ValueError(f"book-keeping supports nn.Embedding without max_norm, scale_grad_by_freq or sparse; got {module}")
     return F.embedding(ids, module.weight.detach(), module.padding_idx)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How bk handles one module type: its parameter names, a forward with detached parameters, a capture."""
+    """How book-keeping handles one module type: its parameter names, a forward with detached parameters, a capture."""
 
     params: tuple[str, ...]
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -156,7 +156,7 @@ RULES: dict[type[nn.Module], Rule] = {}
 
 
 def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
-    """Teach bk a new module type (exact type match: a subclass may change the forward)."""
+    """Teach book-keeping a new module type (exact type match: a subclass may change the forward)."""
     RULES[module_type] = rule
 
 

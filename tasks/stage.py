@@ -1,0 +1,160 @@
+"""The one runner of every stage that releases something computed on the private data.
+
+check the study ledger and the dataset's lifetime budget (before any data is read) -> train or release -> save ->
+record the ledger entry -> charge the dataset ledger -> log to the stage's MLflow run -> return a small reference.
+The numbers (sigma, q, steps, mechanism) come from the study's plan (`StageBudget`), never recomputed here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from compression.data import load_encoded
+from compression.methods import get_method
+from compression.models import save_classifier
+from compression.pruning.masks import save_masks
+from compression.train import TrainConfig, dp_train
+from privacy import files
+from privacy.accounting import compose_epsilon
+from privacy.config import StageBudget
+from privacy.dataset_ledger import DatasetLedger
+from privacy.ledger import Ledger
+from tasks import tracking
+from tasks.console import console
+from tasks.refs import BudgetAccount, DataRef, ModelRef, RunContext, StatsRef, sha256_of
+
+
+def load_ledger(source: ModelRef | StatsRef | None) -> Ledger:
+    """The ledger a stage extends: the one saved with its source (empty for the first stage)."""
+    return Ledger.load(source.ledger_path) if source is not None and source.ledger_path else Ledger()
+
+
+def run_dp_stage(*, name: str, budget: StageBudget, model, tokenizer, data: DataRef, train: TrainConfig, method,
+                 out: Path, ledger_from: ModelRef | StatsRef | None, context: RunContext, masks=None, loss_fn=None,
+                 params: dict | None = None) -> ModelRef:
+    """DP-train `model` (stage `name`, its event from `budget`) and release it as `out/model` with its ledger."""
+    ledger = _check(name, budget, ledger_from, context.account)
+    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name) as run:
+        event = budget.event
+        run.params({"train": vars(train), "method": vars(method), "noise_multiplier": event.noise_multiplier,
+                    "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
+        dp_train(model, load_encoded(Path(data.path) / "train.pt"), config=train, method=method, event=event,
+                 masks=masks, loss_fn=loss_fn, on_step=_progress(name, run, ledger, budget),
+                 secure_mode=budget.secure_mode, noise_seed=train.seed if budget.seeded else None,
+                 checkpoint_dir=out / "checkpoint")
+        model = get_method(method.name).merge(model, method)
+        ledger = _record(name, budget, ledger, data, train.max_grad_norm)
+        save_classifier(model, tokenizer, out / "model")
+        ledger.save(out / "ledger.json")
+        if masks:
+            save_masks(masks, out / "masks.pt")
+        _charge(context.account, name, out, train.max_grad_norm, budget.noise)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds the noise generator: never outlives the stage
+        _log_release(run, ledger, budget, out)
+    return ModelRef(stage=name, path=str(out / "model"), sha256=sha256_of(out / "model"),
+                    ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
+                    epsilon=ledger.entries[-1].epsilon_after, delta=budget.delta, run_id=run.run_id,
+                    masks_path=str(out / "masks.pt") if masks else None)
+
+
+def run_release(*, name: str, budget: StageBudget, release: Callable[[], dict], data: DataRef, out: Path,
+                ledger_from: ModelRef | StatsRef, context: RunContext) -> StatsRef:
+    """One noisy release of statistics of the private data (`release()`, at `budget`'s sigma), saved as
+    `out/statistics.pt` with the ledger that records it. A rerun after a later failure reuses the saved release
+    (the same release, accounted once) rather than drawing another."""
+    saved = out / "statistics.pt"
+    ledger = _check(name, budget, ledger_from, context.account if not saved.exists() else None)
+    if not saved.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        statistics = release()
+        _charge(context.account, name, out, 1.0, budget.noise)
+        files.torch_save(statistics, saved)  # a DP release: safe to keep, and never redrawn
+    ledger = _record(name, budget, ledger, data, 1.0)
+    ledger.save(out / "ledger.json")
+    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name) as run:
+        run.params({"mechanism": budget.mechanism, "noise_multiplier": budget.noise_multiplier})
+        _log_release(run, ledger, budget, out)
+    get_run_logger().info("%s: released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,
+                          ledger.entries[-1].epsilon_after)
+    return StatsRef(stage=name, path=str(saved), sha256=sha256_of(saved), ledger_path=str(out / "ledger.json"))
+
+
+def _check(name: str, budget: StageBudget, ledger_from, account: BudgetAccount | None) -> Ledger:
+    """Refuse before any data is read: the study's ledger with this stage, then the dataset's lifetime budget."""
+    ledger = load_ledger(ledger_from)
+    ledger.check_fits(stage=name, event=budget.event, target_epsilon=budget.target_epsilon, delta=budget.delta,
+                      accountant=budget.accountant)
+    if account is not None:
+        with DatasetLedger(account.url) as lifetime:
+            lifetime.begin(dataset=account.dataset, study=account.study, study_key=account.study_key,
+                           run_id=account.run_id, stage=name, event=budget.event, mechanism=budget.mechanism,
+                           epsilon_budget=account.epsilon_budget, delta=account.delta, accountant=account.accountant)
+    return ledger
+
+
+def _record(name: str, budget: StageBudget, ledger: Ledger, data: DataRef, max_grad_norm: float) -> Ledger:
+    return ledger.record(stage=name, event=budget.event, max_grad_norm=max_grad_norm, delta=budget.delta,
+                         accountant=budget.accountant, dataset_fingerprint=data.fingerprint,
+                         mechanism=budget.mechanism, noise=budget.noise)
+
+
+def _charge(account: BudgetAccount | None, name: str, out: Path, max_grad_norm: float, noise: str) -> None:
+    """The release is spent: its reservation becomes a row of the dataset's history."""
+    if account is not None:
+        with DatasetLedger(account.url) as lifetime:
+            lifetime.commit(dataset=account.dataset, run_id=account.run_id, stage=name, stage_key=out.name,
+                            max_grad_norm=max_grad_norm, noise=noise)
+
+
+def _log_release(run: tracking.StageRun, ledger: Ledger, budget: StageBudget, out: Path) -> None:
+    epsilon = ledger.entries[-1].epsilon_after
+    run.metrics({"epsilon": epsilon, "delta": budget.delta})
+    run.tags(tracking.guarantee_tags(epsilon=epsilon, delta=budget.delta, accountant=budget.accountant,
+                                     noise=budget.noise))
+    run.artifact(out / "ledger.json")
+
+
+def _progress(name: str, run: tracking.StageRun, ledger: Ledger, budget: StageBudget):
+    """An on_step callback. The loss (a mean over private examples) goes to the local console only; Prefect's log
+    gets steps, epsilon so far and the ETA (public), every minute; MLflow gets epsilon."""
+    local, public, event = console(), get_run_logger(), budget.event
+    began, last, first = time.monotonic(), [0.0, 0.0], []
+
+    def on_step(step: int, metrics: dict) -> None:
+        now = time.monotonic()
+        first or first.append(step - 1)  # a resumed stage starts past step 1
+        done = step == metrics["num_steps"]
+        if not done and now - last[0] < 15:
+            return
+        last[0] = now
+        spent = [*ledger.events(), dataclasses.replace(event, num_steps=step)]
+        eps = compose_epsilon(spent, delta=budget.delta, accountant=budget.accountant)
+        eta = (now - began) / max(1, step - first[0]) * (metrics["num_steps"] - step)
+        local.info("%s: step %d/%d  loss %.4f  eps %.3f/%.3f  ETA %ds", name, step, metrics["num_steps"],
+                   metrics["loss"], eps, budget.target_epsilon, eta)
+        if done or now - last[1] >= 60:
+            last[1] = now
+            public.info("%s: step %d/%d  eps %.3f/%.3f  ETA %ds", name, step, metrics["num_steps"], eps,
+                        budget.target_epsilon, eta)
+        run.metrics({"epsilon_spent": eps}, step=step)
+    return on_step
+
+
+def console_progress(name: str, what: str = "not private"):
+    """An on_step callback for training without DP (the non-private baseline; distillation on public text): steps,
+    loss and ETA on the local console only."""
+    local, began, last = console(), time.monotonic(), [0.0]
+
+    def on_step(step: int, metrics: dict) -> None:
+        now = time.monotonic()
+        if step == metrics["num_steps"] or now - last[0] >= 15:
+            last[0] = now
+            eta = (now - began) / step * (metrics["num_steps"] - step)
+            local.info("%s: step %d/%d  loss %.4f  (%s)  ETA %ds", name, step, metrics["num_steps"],
+                       metrics["loss"], what, eta)
+    return on_step
