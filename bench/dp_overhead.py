@@ -1,9 +1,11 @@
-"""Benchmark: step time and peak memory of DP training (PrivateModel modes hooks, ghost, bookkeeping) against non-DP training.
+"""Benchmark: step time and peak memory of DP training (PrivateModel modes hooks, ghost, bookkeeping) against non-DP
+training.
 Times all modes interleaved in one process; peak RSS in fresh worker processes (see `memory_worker`). Writes JSON
 under bench/results/; not a unit test. `python bench/dp_overhead.py [--quick]`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
@@ -119,7 +121,7 @@ def time_case(case: Case, modes: tuple[str, ...]) -> dict[str, dict]:
     for m in modes:
         try:
             steppers[m] = Stepper(copy.deepcopy(base), ids, mask, labels, mode=m, case=case)
-        except Exception as err:  # noqa: BLE001 - reported in the JSON
+        except Exception as err:
             result[m] = {"error": repr(err)}
     times: dict[str, list[float]] = {m: [] for m in steppers}
     for round_ in range(case.warmup + case.steps):
@@ -127,7 +129,7 @@ def time_case(case: Case, modes: tuple[str, ...]) -> dict[str, dict]:
         for m in live[round_ % max(1, len(live)):] + live[: round_ % max(1, len(live))]:
             try:
                 seconds = steppers[m].step()
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 result[m] = {"error": repr(err)}
                 continue
             if round_ >= case.warmup:
@@ -154,7 +156,7 @@ def memory_worker(jobs: list[dict]) -> list[dict]:
         try:
             stepper = Stepper(*build(case), mode=mode, case=case)
             stepper.step()
-        except Exception as err:  # noqa: BLE001 - reported in the JSON
+        except Exception as err:
             out.append({"model": case.model, "seq_len": case.seq_len, "mode": mode, "memory_error": repr(err)})
             continue
         gc.collect()
@@ -201,7 +203,7 @@ def table(rows: list[dict]) -> str:
             f"{'phys':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        def f(k, spec):
+        def f(k, spec, r=r):
             return format(r[k], spec) if k in r else "-".rjust(int(spec.split(".")[0]))
         lines.append(f"{r['model']:<10}{r['seq_len']:>5} {r['mode']:<6}{f('median_step_s', '9.3f')}"
                      f"{f('time_ratio', '7.2f')}{f('peak_mb', '10.0f')}{f('peak_ratio', '7.2f')}"
@@ -285,10 +287,8 @@ def main(argv=None) -> list[dict]:
 
 def _release_memory() -> None:
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
 
 
 def _write(out: Path, meta: dict, rows: list[dict], began: float, *, complete: bool) -> None:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from compression.models import TextClassifier, count_parameters
 from compression.data import padded_batches
+from compression.models import TextClassifier, count_parameters
 
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:

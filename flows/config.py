@@ -108,7 +108,7 @@ class NonPrivateSection(StageSection):
 
 
 class TrackingSection(_Section):
-    uri: str | None = None                   # MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite in output_dir
+    uri: str | None = None  # MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite in output_dir
     experiment: str = "dpcompress"
     registered_model: str | None = None      # registry name of the final model; default "<name>-<task>"
     # the stage whose model is registered (its own epsilon is then its tag); None: the end of the chain, or with
@@ -130,7 +130,7 @@ class StudyConfig(_Section):
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
-    def _students_follow_one_line(self) -> "StudyConfig":
+    def _students_follow_one_line(self) -> StudyConfig:
         if self.prune.enabled and self.prune.layout == "per_target" and self.distill.enabled \
                 and self.distill.after == "prune":
             raise ValueError("distill.after: prune needs prune.layout: chain (with per_target there is no single "
@@ -138,7 +138,7 @@ class StudyConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _public_text_is_not_the_private_task(self) -> "StudyConfig":
+    def _public_text_is_not_the_private_task(self) -> StudyConfig:
         for i, source in enumerate(self.prune.calibration or []):
             if source.task == self.data.task:
                 raise ValueError(f"prune.calibration[{i}].task={source.task!r} is the private task (data.task): "
@@ -177,7 +177,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | None = None) -> StudyConfig:
-    """Read, override and validate a study config. A local GLUE folder may come from `glue_dir` or $DPCOMPRESS_GLUE_DIR."""
+    """Read, override and validate a study config. A local GLUE folder may come from `glue_dir` or
+    $DPCOMPRESS_GLUE_DIR."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

@@ -13,7 +13,8 @@ from flows.config import StudyConfig
 from flows.plan import Stage
 from tasks.refs import DataRef, ModelRef, RunContext, StatsRef
 
-STATS_SHARE = 0.05  # of a pruning round's share: its statistics release (fixed sigma; the share only orders calibration)
+# of a pruning round's share: its statistics release (fixed sigma; the share only orders calibration)
+STATS_SHARE = 0.05
 
 
 @dataclass(frozen=True)

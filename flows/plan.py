@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flows.config import StudyConfig
 from privacy.accounting import compose_epsilon
 from privacy.config import StageBudget
-from privacy.ledger import StagePlan, plan_budgets
+from privacy.planning import StagePlan, plan_budgets
 
 TEACHER = "teacher"
 
@@ -65,7 +65,7 @@ def stage_plans(cfg: StudyConfig, num_train: int) -> tuple[StagePlan, dict[str, 
 
 
 def plan_study(cfg: StudyConfig, num_train: int) -> dict[str, StageBudget]:
-    """Every private stage's budget under `privacy.scope` (privacy.ledger.plan_budgets), teacher first.
+    """Every private stage's budget under `privacy.scope` (privacy.planning.plan_budgets), teacher first.
 
     Stages are calibrated in run order, each to its cumulative share, so a later stage's settings never change an
     earlier stage's sigma: changing pruning never retrains the teacher.

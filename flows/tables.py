@@ -17,7 +17,9 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-3 and value else f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+        if abs(value) < 1e-3 and value:
+            return f"{value:.4g}"
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)

@@ -203,7 +203,8 @@ def compose_epsilon(events: Sequence[DPEvent], *, delta: float, accountant: str 
     Returns an upper bound on epsilon: "prv" (Opacus PRVAccountant, refined by Google's PLD where PRV's grid
     is too coarse) is about 0.5-1% above the tight value (see `_prv_epsilon`), "pld" (Google's
     dp_accounting PLD alone, interval relative to epsilon) about as close, "rdp" (Opacus RDPAccountant)
-    typically 5-20% above it; all are independent of the order of `events`. Events that spend nothing (0 steps, infinite noise) are
+    typically 5-20% above it; all are independent of the order of `events`. Events that spend nothing (0 steps,
+    infinite noise) are
     dropped; no events give 0.0.
     """
     _check_delta(delta)

@@ -43,7 +43,8 @@ def _supported_layers(module: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
             continue
         rule = RULES.get(type(sub))
         if rule is None:
-            raise ValueError(f"book-keeping cannot clip trainable parameter {name}.{own[0][0]} of unsupported module type "
+            raise ValueError(f"book-keeping cannot clip trainable parameter {name}.{own[0][0]} of unsupported "
+                             f"module type "
                              f"{type(sub).__name__}; supported: {sorted(t.__name__ for t in RULES)} "
                              "(freeze it with requires_grad_(False) or use mode='hooks')")
         for n, p in own:
@@ -96,9 +97,11 @@ class BookKeeping:
 
     def _capture(self, sub: nn.Module, rule: Rule, x: torch.Tensor, version: int, grad: torch.Tensor) -> None:
         if x._version != version:  # autograd checks its saved tensors; this input is held by book-keeping instead
-            raise RuntimeError(f"book-keeping: the input of a {type(sub).__name__} was modified in place after the forward")
+            raise RuntimeError(f"book-keeping: the input of a {type(sub).__name__} was modified in place after the "
+                               "forward")
         if id(sub) in self._captured:
-            raise RuntimeError(f"book-keeping: {type(sub).__name__} ran more than once in one forward (shared layers are "
+            raise RuntimeError(f"book-keeping: {type(sub).__name__} ran more than once in one forward (shared layers "
+                               "are "
                                "not supported: per-example gradients of the uses would have to be summed first)")
         self._captured.add(id(sub))
         self._captures.append(rule.capture(sub, x, grad, self._grams))
@@ -117,7 +120,8 @@ class BookKeeping:
         total = loss_per_example.new_zeros(batch)
         for p, sq in sq_norms.items():
             if sq.shape != (batch,):  # a [1] norm would silently broadcast one example's norm to the whole chunk
-                raise RuntimeError(f"book-keeping: a per-example norm of shape {tuple(sq.shape)} for a parameter of shape "
+                raise RuntimeError(f"book-keeping: a per-example norm of shape {tuple(sq.shape)} for a parameter of "
+                                   f"shape "
                                    f"{tuple(p.shape)}; expected [{batch}] (one per example)")
             total = total + sq.detach().to(total)
         self._last_norms = total.sqrt()

@@ -139,7 +139,8 @@ def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _embedding(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-        raise ValueError(f"book-keeping supports nn.Embedding without max_norm, scale_grad_by_freq or sparse; got {module}")
+        raise ValueError(f"book-keeping supports nn.Embedding without max_norm, scale_grad_by_freq or sparse; "
+                         f"got {module}")
     return F.embedding(ids, module.weight.detach(), module.padding_idx)
 
 

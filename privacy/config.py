@@ -20,7 +20,7 @@ class BudgetConfig:
     (the rounds of a kind share it); they are renormalised over the stages that run. `scope` "study": everything the
     study trains composes into (epsilon, delta); "line": each model line (teacher + its pruning rounds, structured
     rounds or student) does, with the teacher taking `shares["teacher"]` (< 1) of epsilon in every line (see
-    `privacy.ledger.plan_lines`). `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
+    `privacy.planning.plan_lines`). `fixed_noise` maps a stage name (`teacher`, `prune_1`, ..., `distill`) to a noise
     multiplier it uses as given instead of a calibrated one; the other stages are calibrated around it.
     `reproducible_noise`: TEST MODE. Noise and sampling are seeded from the config, so the models have NO DP
     guarantee; their ledgers say `noise: seeded` and they are never registered with an epsilon.

@@ -23,9 +23,9 @@ import sqlalchemy as sa
 
 from . import ledger_store as store
 from .accounting import BudgetError, DPEvent, compose_epsilon
+from .ledger_store import NONPRIVATE, RESERVED, SPENT, Release, default_ledger_url, releases
 from .mechanisms import get_mechanism
 from .noise import NOISE_SOURCES
-from .ledger_store import NONPRIVATE, RESERVED, SPENT, Release, default_ledger_url, releases
 
 __all__ = ["DatasetBudgetError", "DatasetLedger", "Release", "default_ledger_url"]
 
@@ -123,7 +123,8 @@ class DatasetLedger:
     def commit(self, *, dataset: str, run_id: str, stage: str, stage_key: str, max_grad_norm: float,
                noise: str) -> Release:
         """After `stage`'s outputs are saved: its reservation becomes a spent release with `stage_key` (the
-        stage's output/cache key), `max_grad_norm` (L2 clipping norm, for audit) and `noise` (one of privacy.noise.NOISE_SOURCES).
+        stage's output/cache key), `max_grad_norm` (L2 clipping norm, for audit) and `noise` (one of
+        privacy.noise.NOISE_SOURCES).
         Idempotent for the same stage_key; LookupError if the run never began the stage (or its reservation was
         dropped as stale: a stage that ran longer than the TTL, see `reservation_ttl_s`)."""
         if noise not in NOISE_SOURCES:

@@ -86,17 +86,20 @@ class PrivateModel:
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, mode: Literal["ghost", "hooks", "bookkeeping"] = "ghost",
+                 max_grad_norm: float, expected_batch_size: int,
+                 mode: Literal["ghost", "hooks", "bookkeeping"] = "ghost",
                  clipping: Literal["flat", "per_layer"] = "flat", secure_mode: bool = False,
                  generator: torch.Generator | None = None):
         if noise_multiplier < 0 or max_grad_norm <= 0:
-            raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
+            raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
+                             f"{max_grad_norm}")
         if mode not in _BACKENDS:
             raise ValueError(f"mode must be one of {sorted(_BACKENDS)}, got {mode!r}")
         if clipping not in ("flat", "per_layer"):
             raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
         if mode == "ghost" and clipping != "flat":
-            raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bookkeeping' for per_layer")
+            raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bookkeeping' for "
+                             "per_layer")
         # Seeded from the OS, never from the (public) config; torchcsprng has no build for this torch.
         generator = generator if generator is not None else make_generator()
         self.mode, self.clipping = mode, clipping
@@ -190,7 +193,8 @@ class _OpacusBackend:
 
 
 class _BookKeepingBackend:
-    """bookkeeping: clipped sums from privacy.bookkeeping, then Opacus's Gaussian noise (same secure-mode sampler) and scaling."""
+    """bookkeeping: clipped sums from privacy.bookkeeping, then Opacus's Gaussian noise (same secure-mode sampler)
+    and scaling."""
 
     def __init__(self, module, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size, clipping,
                  secure_mode, generator):

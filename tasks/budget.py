@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from privacy.config import BudgetConfig, StageBudget
 from privacy.dataset_ledger import DatasetLedger, default_ledger_url
-from privacy.ledger import StagePlan, plan_budgets
+from privacy.planning import StagePlan, plan_budgets
 from tasks.caching import STAGE_CACHE
 from tasks.refs import BudgetAccount, DataRef
 

@@ -15,7 +15,8 @@ from compression.models import load_saved
 from compression.pruning import statistics
 from compression.pruning.masks import PruneSchedule, load_masks
 from compression.pruning.public_distill import PublicDistillConfig, public_texts, teacher_targets
-from compression.pruning.recipe import PublicDistillation, prune_round as prune_recipe
+from compression.pruning.recipe import PublicDistillation
+from compression.pruning.recipe import prune_round as prune_recipe
 from compression.train import TrainConfig
 from privacy import files
 from privacy.config import StageBudget

@@ -10,7 +10,8 @@ from compression.data import load_encoded
 from compression.distill import distillation_loss
 from compression.losses import KDConfig
 from compression.models import load_saved
-from compression.pruning.structured import StructuredConfig, structured_round as shrink
+from compression.pruning.structured import StructuredConfig
+from compression.pruning.structured import structured_round as shrink
 from compression.train import TrainConfig
 from privacy import files
 from privacy.config import StageBudget
@@ -23,7 +24,8 @@ from tasks.stage import run_dp_stage
 def structured_round(*, stage: str, budget: StageBudget, round_index: int, upstream: ModelRef,
                      ledger_from: ModelRef, data: DataRef, teacher: ModelRef, schedule: StructuredConfig, method,
                      train: TrainConfig, kd: KDConfig, output_dir: str, context: RunContext) -> ModelRef:
-    """Shrink `upstream` to round `round_index`'s targets, then DP fine-tune it (KD from `teacher` when kd.weight > 0)."""
+    """Shrink `upstream` to round `round_index`'s targets, then DP fine-tune it (KD from `teacher` when
+    kd.weight > 0)."""
     out = stage_dir(output_dir, stage, {"upstream": upstream, "ledger_from": ledger_from, "teacher": teacher,
                                         "schedule": schedule, "method": method, "train": train, "kd": kd,
                                         "budget": budget, "round": round_index})

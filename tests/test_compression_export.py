@@ -11,8 +11,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from compression.export import (MODELING_FILE, export_hf, layer_dims, load_sparse, read_sparse, save_sparse,
-                                sparse_size_report)
+from compression.export import (
+    MODELING_FILE,
+    export_hf,
+    layer_dims,
+    load_sparse,
+    read_sparse,
+    save_sparse,
+    sparse_size_report,
+)
 from compression.models import build_tiny
 from compression.pruning.masks import prune_masks
 

@@ -17,13 +17,19 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.pytorch_utils import Conv1D
 
 import privacy.bookkeeping_layers
+from compression.data import pad
 from compression.evaluate import sparsity
 from compression.export import export_hf
 from compression.families import FAMILIES, family_of
 from compression.models import TextClassifier, build_tiny, count_parameters, load_saved, save_classifier
-from compression.pruning.masks import prune_masks, prunable
-from compression.pruning.structured import StructuredConfig, remove_heads, remove_layers, remove_neurons, structured_round
-from compression.data import pad
+from compression.pruning.masks import prunable, prune_masks
+from compression.pruning.structured import (
+    StructuredConfig,
+    remove_heads,
+    remove_layers,
+    remove_neurons,
+    structured_round,
+)
 from privacy.engine import PrivateModel
 
 TYPES = ["bert", "roberta", "distilbert", "gpt2"]
@@ -59,7 +65,7 @@ def _hf_hidden(model, ids, mask, types):
         return model.encoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
 
 
-@pytest.mark.parametrize("model_type", TYPES + ["xlm-roberta", "camembert"])
+@pytest.mark.parametrize("model_type", [*TYPES, "xlm-roberta", "camembert"])
 def test_hidden_states_equal_the_hf_base_model_at_real_tokens(model_type):
     if model_type in TYPES:
         model = _tiny(model_type)
@@ -224,7 +230,8 @@ def _private_step_matches_oracle(model, forward, examples, *, mode, clipping, cl
         torch.testing.assert_close(b - p.detach(), e / len(examples), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type,mode,clipping", [(t, "bookkeeping", c) for t in TYPES for c in ("flat", "per_layer")]
+@pytest.mark.parametrize("model_type,mode,clipping",
+                         [(t, "bookkeeping", c) for t in TYPES for c in ("flat", "per_layer")]
                          + [("gpt2", "hooks", "flat"), ("gpt2", "ghost", "flat")])
 def test_dp_step_matches_microbatch_oracle(model_type, mode, clipping):
     """Every parameter trains, embeddings included; rows padded to their chunk's longest."""

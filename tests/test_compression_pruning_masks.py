@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compression.models import build_tiny
-from compression.pruning.masks import PruneSchedule, load_masks, prune_masks, prunable, save_masks, sparsity_report
+from compression.pruning.masks import PruneSchedule, load_masks, prunable, prune_masks, save_masks, sparsity_report
 
 INCLUDE = "encoder.encoder.layer."
 

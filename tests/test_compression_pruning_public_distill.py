@@ -7,8 +7,13 @@ import torch.nn.functional as F
 from compression.evaluate import predict
 from compression.models import build_tiny
 from compression.pruning.masks import prune_masks
-from compression.pruning.public_distill import (PublicDistillConfig, distill_loss, public_distill, public_texts,
-                                                teacher_targets)
+from compression.pruning.public_distill import (
+    PublicDistillConfig,
+    distill_loss,
+    public_distill,
+    public_texts,
+    teacher_targets,
+)
 from compression.train import apply_masks
 
 

@@ -1,13 +1,14 @@
-"""compression.pruning.statistics: DP input norms against a microbatch oracle (one example at a time, unpadded, by hand),
+"""compression.pruning.statistics: DP input norms against a microbatch oracle (one example at a time, unpadded,
+by hand),
 chunk sharing between layers fed one tensor, and the noise entering the released norms."""
 import math
 
 import pytest
 import torch
 
-from compression.pruning.statistics import _layer_inputs, dp_input_norms
 from compression.models import build_tiny
 from compression.pruning.masks import prunable
+from compression.pruning.statistics import _layer_inputs, dp_input_norms
 
 INCLUDE = "encoder.encoder.layer."
 
@@ -27,7 +28,7 @@ def _oracle_sums(model, data):
     sums = {}
     for ids in data["input_ids"]:
         seen = {}
-        hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0][0].double()))
+        hooks = [m.register_forward_hook(lambda m, i, o, n=n, seen=seen: seen.__setitem__(n, i[0][0].double()))
                  for n, m in linears.items()]
         x = torch.tensor([ids])
         with torch.no_grad():
@@ -59,7 +60,8 @@ def test_query_key_value_share_one_chunk_and_other_inputs_do_not():
     mask = (ids != 0).long()
     chunks, owner = _layer_inputs(model, INCLUDE, ids, mask, torch.zeros_like(ids))
     layer = "encoder.encoder.layer.0."
-    keys = {owner[layer + p + ".weight"] for p in ("attention.self.query", "attention.self.key", "attention.self.value")}
+    parts = ("attention.self.query", "attention.self.key", "attention.self.value")
+    keys = {owner[layer + p + ".weight"] for p in parts}
     assert len(keys) == 1
     others = {owner[layer + p + ".weight"] for p in ("attention.output.dense", "intermediate.dense", "output.dense")}
     assert len(others) == 3 and not keys & others

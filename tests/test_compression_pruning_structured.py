@@ -8,12 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compression.models import build_tiny, count_parameters, load_saved, save_classifier
-from compression.pruning.structured import (SCORERS, StructuredConfig, layer_shapes, magnitude_scores, remove_heads,
-                                    remove_layers, remove_neurons, round_targets, structured_round, taylor_scores)
 from compression.data import pad
 from compression.methods import make_trainable
 from compression.methods.full import FullConfig
+from compression.models import build_tiny, count_parameters, load_saved, save_classifier
+from compression.pruning.structured import (
+    SCORERS,
+    StructuredConfig,
+    layer_shapes,
+    magnitude_scores,
+    remove_heads,
+    remove_layers,
+    remove_neurons,
+    round_targets,
+    structured_round,
+    taylor_scores,
+)
 from privacy.engine import PrivateModel
 
 HIDDEN, HEADS, FFN, LAYERS = 32, 4, 64, 4

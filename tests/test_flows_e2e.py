@@ -33,7 +33,7 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115  (the server writes it)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -216,7 +216,6 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
 def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflow_server, prefect_backend,
                                                                  tiny_model, monkeypatch):
     from flows.study import study
-
     from privacy.ledger import Ledger
 
     # activation scores from the private data: each round first releases input norms with DP (`{round}_stats`); the

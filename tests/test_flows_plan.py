@@ -2,7 +2,8 @@
 import pytest
 
 from flows.config import ConfigError, load_config
-from flows.plan import model_lines as lines, plan_study, stage_plans
+from flows.plan import model_lines as lines
+from flows.plan import plan_study, stage_plans
 from privacy.accounting import DPEvent, compose_epsilon
 
 

@@ -269,7 +269,8 @@ def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
 
 @pytest.mark.parametrize("sigma", [2.0, 10.0, 30.0])
 def test_full_batch_single_release_matches_the_analytic_gaussian_mechanism(sigma):
-    """q = 1, one step (the Gaussian-sum release of privacy.mechanisms.gaussian_sum) against the closed form: PRV and PLD within 1%
+    """q = 1, one step (the Gaussian-sum release of privacy.mechanisms.gaussian_sum) against the closed form: PRV
+    and PLD within 1%
     above it (never below), RDP a looser upper bound."""
     exact = analytic_gaussian_epsilon(sigma, 1.25e-4)
     release = [DPEvent(noise_multiplier=sigma, sample_rate=1.0, num_steps=1)]

@@ -4,6 +4,7 @@ mode it stays under the accountant's epsilon; without noise on some tensors, or 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from fractions import Fraction
 
@@ -70,9 +71,9 @@ def test_p_value_edges_and_monotonicity():
     epsilons = [0.05 * i for i in range(100)]
     for v, delta in [(15, 0.0), (15, 1e-3), (20, 1e-3), (12, 1e-2)]:
         values = [p(num_correct=v, delta=delta, epsilon=e) for e in epsilons]
-        assert all(a <= b + 1e-15 for a, b in zip(values, values[1:])), (v, delta)  # grows with epsilon
+        assert all(a <= b + 1e-15 for a, b in itertools.pairwise(values)), (v, delta)  # grows with epsilon
     by_correct = [p(num_correct=v) for v in range(21)]
-    assert all(a >= b for a, b in zip(by_correct, by_correct[1:]))  # more correct guesses: smaller p-value
+    assert all(a >= b for a, b in itertools.pairwise(by_correct))  # more correct guesses: smaller p-value
     assert p(delta=1e-4) <= p(delta=1e-3) <= p(delta=1e-2)
     with pytest.raises(ValueError, match="num_correct"):
         p(num_correct=21)
@@ -141,7 +142,8 @@ def test_each_step_moves_an_included_canary_by_exactly_its_clipped_contribution(
     np.testing.assert_array_equal(run.scores[~run.included], 0.0)
 
 
-@pytest.mark.parametrize("mode,clipping", [("bookkeeping", "flat"), ("ghost", "flat"), ("hooks", "flat"), ("bookkeeping", "per_layer")])
+@pytest.mark.parametrize("mode,clipping", [("bookkeeping", "flat"), ("ghost", "flat"), ("hooks", "flat"),
+                                          ("bookkeeping", "per_layer")])
 def test_honest_engine_stays_below_the_accountant_at_the_teacher_settings(mode, clipping):
     audits = _audit(mode=mode, clipping=clipping)
     for delta, audit in audits.items():

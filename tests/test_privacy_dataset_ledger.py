@@ -169,7 +169,7 @@ def _race(url: str, who: str, budget: float, barrier, results) -> None:
                 results.put((round_, "passed"))
             except DatasetBudgetError:
                 results.put((round_, "refused"))
-            except Exception as err:  # noqa: BLE001  (reported to the parent, which fails)
+            except Exception as err:
                 results.put((round_, f"error: {err!r}"))
 
 

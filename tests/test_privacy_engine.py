@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compression.models import build_tiny
 from compression.data import pad
 from compression.methods import make_trainable
 from compression.methods.bitfit import BiasNormConfig
 from compression.methods.full import FullConfig
+from compression.models import build_tiny
 from compression.train import TrainConfig, dp_train
 from privacy.engine import PoissonSampler, PrivateModel
 

@@ -8,18 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import privacy.bookkeeping_layers
-from compression.models import build_tiny
 from compression.data import pad
 from compression.methods import make_trainable
 from compression.methods.bitfit import BiasNormConfig
 from compression.methods.full import FullConfig
+from compression.models import build_tiny
 from compression.train import apply_masks
 from privacy.engine import PrivateModel
 
-
-
-
-MODES_CLIPPINGS = [("ghost", "flat"), ("hooks", "flat"), ("hooks", "per_layer"), ("bookkeeping", "flat"), ("bookkeeping", "per_layer")]
+MODES_CLIPPINGS = [("ghost", "flat"), ("hooks", "flat"), ("hooks", "per_layer"), ("bookkeeping", "flat"),
+                   ("bookkeeping", "per_layer")]
 
 
 def _model(shape: str) -> nn.Module:
@@ -277,8 +275,8 @@ def test_bk_refuses_a_per_example_norm_that_is_not_one_per_example(monkeypatch):
             self.sq_norms = {p: sq[:1] for p, sq in self.sq_norms.items()}
 
     rule = privacy.bookkeeping_layers.RULES[nn.Linear]
-    monkeypatch.setitem(privacy.bookkeeping_layers.RULES, nn.Linear, privacy.bookkeeping_layers.Rule(rule.params, rule.forward,
-                                                                                   Broadcasting))
+    layers = privacy.bookkeeping_layers
+    monkeypatch.setitem(layers.RULES, nn.Linear, layers.Rule(rule.params, rule.forward, Broadcasting))
     model = nn.Sequential(nn.Linear(5, 3))
     private = _private(model, "bookkeeping", "flat")
     with pytest.raises(RuntimeError, match=r"shape \(1,\).*expected \[4\]"):

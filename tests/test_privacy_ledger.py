@@ -9,15 +9,8 @@ import json
 import pytest
 
 from privacy.accounting import BudgetError, DPEvent, compose_epsilon
-from privacy.ledger import (
-    BudgetExceededError,
-    Ledger,
-    LedgerEntry,
-    StagePlan,
-    plan_lines,
-    plan_noise,
-    union_epsilon,
-)
+from privacy.ledger import BudgetExceededError, Ledger, LedgerEntry, union_epsilon
+from privacy.planning import StagePlan, plan_lines, plan_noise
 
 DELTA = 1e-5
 TEACHER = DPEvent(noise_multiplier=1.0, sample_rate=0.02, num_steps=300)
@@ -101,7 +94,8 @@ def test_json_round_trip(ledger, tmp_path):
 
 
 def test_gaussian_sum_release_composes_like_one_full_batch_step(ledger):
-    """A Gaussian-sum release (privacy.mechanisms.gaussian_sum) is recorded with its mechanism and composes as q = 1, one step;
+    """A Gaussian-sum release (privacy.mechanisms.gaussian_sum) is recorded with its mechanism and composes as q = 1,
+    one step;
     a ledger saved before `mechanism` existed still loads, as DP-SGD."""
     release = DPEvent(noise_multiplier=10.0, sample_rate=1.0, num_steps=1)
     extended = ledger.record(stage="prune_1_stats", event=release, max_grad_norm=1.0, delta=DELTA,

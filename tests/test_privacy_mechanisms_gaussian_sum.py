@@ -1,4 +1,5 @@
-"""privacy.mechanisms.gaussian_sum: the Gaussian sum mechanism. Normalisation bounds one example's contribution (the sensitivity),
+"""privacy.mechanisms.gaussian_sum: the Gaussian sum mechanism. Normalisation bounds one example's contribution
+(the sensitivity),
 the noise has the stated scale, and the release is one-shot. Each test fails if its part is wrong."""
 import math
 

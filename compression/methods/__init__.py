@@ -85,7 +85,8 @@ def train_only(model, *, start: int, select: Callable[[str, Any], bool]) -> int:
     return start
 
 
-from compression.methods import bitfit, full  # noqa: E402  (register the built-in methods)
+from compression.methods import bitfit, full  # noqa: E402, F401  (importing registers the built-in methods)
 
-MethodConfig = Annotated[Union[tuple(m.config for m in METHODS.values())], Field(discriminator="name")]
+# a discriminated union over the registered methods' configs (built from the registry, hence typing.Union)
+MethodConfig = Annotated[Union[tuple(m.config for m in METHODS.values())], Field(discriminator="name")]  # noqa: UP007
 DEFAULT = full.FullConfig()

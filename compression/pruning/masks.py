@@ -124,12 +124,12 @@ def prune_masks(model: nn.Module, *, sparsity: float, include: str | None = None
         scores[name] = s
     if scope == "global":
         flat = torch.cat([s.flatten() for s in scores.values()])
-        k = int(round(sparsity * flat.numel()))
+        k = round(sparsity * flat.numel())
         threshold = _kth(flat, k)
         return {n: (s > threshold).float() for n, s in scores.items()}
     if scope == "row":
         return {n: _row_masks(s, sparsity) for n, s in scores.items()}
-    return {n: (s > _kth(s.flatten(), int(round(sparsity * s.numel())))).float() for n, s in scores.items()}
+    return {n: (s > _kth(s.flatten(), round(sparsity * s.numel()))).float() for n, s in scores.items()}
 
 
 def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def _row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Per output row, keep all but the lowest `round(sparsity * in)` scores (ties broken by position)."""
-    k = int(round(sparsity * scores.shape[1]))
+    k = round(sparsity * scores.shape[1])
     mask = torch.ones_like(scores)
     if k:
         lowest = scores.argsort(dim=1, stable=True)[:, :k]

@@ -1,6 +1,7 @@
 """Weight reconstruction after pruning: each output row's surviving weights absorb what its pruned weights
 contributed, under the second moment H of the layer's input (the optimal-brain-surgeon update for a fixed mask,
-as in SparseGPT). H comes from a DP release (`compression.pruning.statistics.dp_second_moments`); this is post-processing.
+as in SparseGPT). H comes from a DP release (`compression.pruning.statistics.dp_second_moments`) or public text;
+this is post-processing.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import logging
 import torch
 from torch import nn
 
-from compression.pruning.masks import prunable
 from compression.data import padded_batches
+from compression.pruning.masks import prunable
 from privacy.mechanisms.gaussian_sum import GaussianSum, SecondMomentSum
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def _second_moment_sum(model, data, include, batch_size, public):
 def dp_second_moments(model: nn.Module, data: dict, *, include: str, noise_multiplier: float, batch_size: int = 64,
                       secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """{weight name: [d_in, d_in] noisy sum of per-example normalised token-mean x x^T} for the prunable linear
-    weights, from ONE release over every example of `data` (`privacy.mechanisms.gaussian_sum.SecondMomentSum`: sample rate 1, one
+    weights, from ONE release over every example of `data` (`privacy.mechanisms.gaussian_sum.SecondMomentSum`:
+    sample rate 1, one
     step, sensitivity 1). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
     The square roots of the diagonals serve as input norms (`input_norms_from`)."""
     total, owner = _second_moment_sum(model, data, include, batch_size, public=False)
@@ -126,7 +127,8 @@ def dp_input_norms(model: nn.Module, data: dict, *, include: str, noise_multipli
                    secure_mode: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """{weight name: [d_in] noisy input feature norms} for the prunable linear weights, from ONE Gaussian-sum release
     over every example of `data` (the private training set): sample rate 1, one step, sensitivity 1 (see
-    `privacy.mechanisms.gaussian_sum`). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before calling.
+    `privacy.mechanisms.gaussian_sum`). Account it as DPEvent(noise_multiplier, sample_rate=1, num_steps=1) before
+    calling.
 
     The norms are sqrt(max(0, noisy sum)); only their ratios within a tensor matter to per-tensor and per-row masks.
     """
