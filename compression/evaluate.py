@@ -1,10 +1,11 @@
-"""Evaluation of a classifier on a public dev split: GLUE metric, sparsity, parameters, size, CPU latency.
+"""Evaluation of a classifier on a public dev split: GLUE metric, sparsity, parameters, size; and a CPU latency probe
+(bench/inference.py measures latency side by side, interleaved and repeated: a study's stages run one after another
+on a shared machine, so per-stage timings would not be comparable).
 
 Runs on dev data only (never on private training data). Pure library.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -92,15 +93,12 @@ def cpu_latency(model: TextClassifier, *, batch_size: int, seq_len: int = 64, re
 
 
 def evaluate(model: TextClassifier, dev: dict, *, metric: str, directory: str | Path | None = None) -> dict:
-    """Every number the study table reports for one model (latency at batch 1 and 32, sequence 64)."""
+    """Every number the study table reports for one model (no latency: see the module doc)."""
     gold = torch.as_tensor(dev["labels"]).numpy()
     results = glue_metrics(metric, predict(model, dev), gold)
     results["metric"] = results[metric]
     results.update(sparsity=sparsity(model), parameters=count_parameters(model),
-                   nonzero_parameters=count_parameters(model, nonzero=True),
-                   latency_ms_b1=1000 * cpu_latency(model, batch_size=1),
-                   latency_ms_b32=1000 * cpu_latency(model, batch_size=32), threads=torch.get_num_threads())
+                   nonzero_parameters=count_parameters(model, nonzero=True))
     if directory is not None:
         results["size_bytes"] = size_on_disk(directory)
-    results["cpu_count"] = os.cpu_count()
     return results

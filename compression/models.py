@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from compression.families import Family, family_of
 from compression.pruning.structured import layer_shapes, shrink_to_shapes
+from privacy import files
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ class ModelConfig:
     name_or_path: str = DEFAULT_MODEL
     pooling: Literal["mean", "cls", "last"] | None = None   # None: the family's default (mean; last for GPT-2)
     dropout: float = 0.1
+
+
+def model_fingerprint(name_or_path: str | None) -> str:
+    """What a stage starts from, for cache keys: a local folder (the bundled model too) by the sha256 of its files, so
+    an edited folder at the same path is a new input; a hub name by its name."""
+    if not name_or_path:
+        return ""
+    path = Path(resolve_model_path(name_or_path))
+    return files.sha256_of(path) if path.is_dir() else name_or_path
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -1,4 +1,4 @@
-"""The study's results table: one row per model (task metric, sparsity, parameters, size, latency, epsilon, delta),
+"""The study's results table: one row per model (task metric, sparsity, parameters, size, epsilon, delta),
 written as CSV and Markdown, with plots of sparsity vs metric and epsilon vs metric. Pure library (pandas,
 matplotlib); the caller decides where the files go and who sees them."""
 from __future__ import annotations
@@ -11,16 +11,13 @@ import pandas as pd
 from privacy import files as atomic
 
 COLUMNS = ("stage", "line", "metric", "sparsity", "parameters", "nonzero_parameters", "size_mb", "sparse_size_mb",
-           "latency_ms_b1", "latency_ms_b32", "speedup_b32", "epsilon", "delta")
+           "epsilon", "delta")
 
 
-def results_frame(rows: list[dict], *, metric: str, reference: str = "teacher") -> pd.DataFrame:
+def results_frame(rows: list[dict], *, metric: str) -> pd.DataFrame:
     """Rows (dicts with at least stage and metric) as a frame in COLUMNS order; the metric column is named after
-    the task's metric, and `speedup_b32` is the reference model's batch-32 latency over each model's."""
+    the task's metric."""
     frame = pd.DataFrame(rows)
-    ref = frame.loc[frame["stage"] == reference, "latency_ms_b32"] if "latency_ms_b32" in frame else pd.Series()
-    if len(ref):
-        frame["speedup_b32"] = float(ref.iloc[0]) / frame["latency_ms_b32"]
     frame = frame[[c for c in COLUMNS if c in frame]]
     return frame.rename(columns={"metric": metric})
 

@@ -14,6 +14,7 @@ from flows.plan import model_lines, stage_plans
 from tasks.budget import plan_privacy, release_budget, reserve_budget
 from tasks.data import prepare_data
 from tasks.evaluation import close_study, evaluate_model, open_study, results_table
+from tasks.lock import study_lock
 from tasks.refs import RunContext
 from tasks.registry import register_final
 from tasks.teacher import train_nonprivate, train_teacher
@@ -30,6 +31,11 @@ def study(config_path: str, overrides: list[str] | None = None, glue_dir: str | 
 
 
 def run_study(cfg: StudyConfig) -> list[dict]:
+    with study_lock(cfg.study_dir):  # one run of a study at a time, before the tracking store is touched
+        return _run_study(cfg)
+
+
+def _run_study(cfg: StudyConfig) -> list[dict]:
     out, uri = str(cfg.study_dir), cfg.tracking_uri()
     parent = open_study(tracking_uri=uri, experiment=cfg.tracking.experiment, study_key=study_key(cfg),
                         name=cfg.name, config=cfg.model_dump(mode="json"))

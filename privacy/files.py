@@ -3,6 +3,7 @@ half a file and a crash leaves the old one or the new one. Every file the pipeli
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,10 @@ def write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -
     return atomic_write(path, lambda file: file.write(text.encode("utf-8")), mode=mode)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda file: file.write(data), mode=mode)
+
+
 def torch_save(obj, path: str | os.PathLike, *, mode: int | None = None) -> Path:
     """`torch.save(obj, path)`, atomically."""
     return atomic_write(path, lambda file: torch.save(obj, file), mode=mode)
@@ -50,3 +55,16 @@ def fsync_directory(directory: str | os.PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Content hash of a file, or of a folder (relative names and bytes of every file, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in found:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

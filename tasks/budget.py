@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import uuid
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from privacy.config import BudgetConfig, StageBudget
 from privacy.dataset_ledger import DatasetLedger, default_ledger_url
 from privacy.planning import StagePlan, plan_budgets
-from tasks.caching import STAGE_CACHE
+from tasks.caching import PURE_CACHED
+from tasks.console import run_logger
 from tasks.refs import BudgetAccount, DataRef
 
 
-@task(name="plan_privacy", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="plan_privacy", **PURE_CACHED)
 def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: BudgetConfig,
                  num_train: int) -> dict[str, StageBudget]:
     """Every private stage's budget (its DP event at the calibrated sigma) so that the study (scope "study") or each
     line (scope "line") meets (epsilon, delta)."""
     budgets = plan_budgets(teacher, lines, budget=budget, num_train=num_train)
-    logger = get_run_logger()
+    logger = run_logger()
     for name, stage in budgets.items():
         logger.info("privacy plan: %-14s q=%.4g steps=%d sigma=%.4f (%s)", name, stage.event.sample_rate,
                     stage.event.num_steps, stage.noise_multiplier, stage.mechanism)
@@ -41,7 +42,7 @@ def reserve_budget(*, data: DataRef, plan: dict[str, StageBudget], budget: Budge
         reserved = ledger.reserve(dataset=account.dataset, study=study, study_key=study_key, run_id=account.run_id,
                                   planned=planned, epsilon_budget=account.epsilon_budget, delta=account.delta,
                                   accountant=account.accountant)
-    get_run_logger().info("dataset budget: reserved %d of %d planned releases (lifetime epsilon %g)", len(reserved),
+    run_logger().info("dataset budget: reserved %d of %d planned releases (lifetime epsilon %g)", len(reserved),
                           len(planned), account.epsilon_budget)
     return account
 

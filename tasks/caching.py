@@ -1,22 +1,35 @@
-"""Cache keys for study stages: the stage's inputs (config sections and upstream refs, which carry content
-hashes) plus the code version of every library the stage runs. Reused across flow runs."""
+"""Reuse of finished work: every stage writes into a folder named by its inputs (config sections, upstream refs, which
+carry content hashes, and the code version of every library it runs), and a finished stage leaves `done.json`: its
+reference, whose files are verified (present, same digests) before it is reused. A cache hit therefore means the
+outputs exist, verified, where the config says; a deleted or damaged output is recomputed. Prefect's own cache is
+used only for pure computations with no files (the privacy plan) and for the registry (keyed on the store).
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from privacy import files
+from tasks.refs import sha256_of
+from tasks.serializer import RefSerializer
 
+log = logging.getLogger(__name__)
 _PACKAGES = ("compression", "privacy", "tasks")
-# Where results are logged does not change what they are: a new study run reuses the stages it shares.
-# Nor does the run that charges the dataset ledger (a fresh id per run): a RunContext is never in a key.
+# Where results are logged does not change what they are: a new study run reuses the stages it shares. Nor does the
+# run that charges the dataset ledger (a fresh id per run): a RunContext is never in a key.
 NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id", "account", "context"})
+# Fields that cannot change a result: how often a crash-safe checkpoint is written, and the MLflow run an upstream
+# reference was logged to (a property of the tracking store, not of the model).
+FIELDS_NOT_IN_KEY = frozenset({"checkpoint_every", "run_id"})
+DONE = "done.json"
+SERIALIZER = RefSerializer()
 
 
 @lru_cache(maxsize=1)
@@ -35,12 +48,13 @@ def jsonable(value: Any) -> Any:
     """A canonical JSON-able form of configs (dataclasses, pydantic models), refs, paths and containers."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"__type__": type(value).__name__, **{f.name: jsonable(getattr(value, f.name))
-                                                     for f in dataclasses.fields(value)}}
+                                                     for f in dataclasses.fields(value)
+                                                     if f.name not in FIELDS_NOT_IN_KEY}}
     if hasattr(value, "model_dump"):
         return jsonable(value.model_dump())
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
@@ -66,13 +80,56 @@ def stage_dir(output_dir: str | Path, stage: str, inputs: dict[str, Any]) -> Pat
     return Path(output_dir) / "stages" / f"{stage}-{inputs_key(stage, inputs)[:12]}"
 
 
+def _digests(ref) -> list[tuple[str, str]]:
+    """(path, sha256) of every file a reference names, as it recorded them."""
+    pairs = [(getattr(ref, name), getattr(ref, f"{stem}sha256"))
+             for name, stem in (("path", ""), ("ledger_path", "ledger_"), ("masks_path", "masks_"))
+             if getattr(ref, name, None) and getattr(ref, f"{stem}sha256", None)]
+    return pairs + [(path, digest) for path, digest in getattr(ref, "files", {}).items()]
+
+
+def finished(out: Path):
+    """The reference a finished stage left in `out`, if every file it names is there with the same digest; else
+    None (never finished, interrupted, or an output deleted or damaged since: the stage runs again)."""
+    try:
+        ref = SERIALIZER.loads((out / DONE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as err:
+        log.warning("ignoring %s: %s", out / DONE, err)
+        return None
+    for path, digest in _digests(ref):
+        if not Path(path).exists() or sha256_of(path) != digest:
+            log.warning("%s: %s is missing or changed since it was written: the stage runs again", out.name, path)
+            return None
+    return ref
+
+
+def mark_finished(out: Path, ref, logged: dict | None = None) -> None:
+    """Record `ref` as the stage's result (written last, after every output), and what its run logged."""
+    if logged is not None:
+        files.write_text(out / "tracking.json", json.dumps(logged, indent=2))
+    files.write_bytes(out / DONE, SERIALIZER.dumps(dataclasses.replace(ref, run_id="") if hasattr(ref, "run_id")
+                                                   else ref))
+
+
 @dataclasses.dataclass
 class StageInputs(CachePolicy):
-    """Prefect cache policy: key = stage name + code version + every task parameter (canonical JSON)."""
+    """Prefect cache policy for tasks without output files: key = stage name + code version + every parameter
+    (`per_store`: the tracking URI too, for what lives in the tracking store, such as the registry)."""
+
+    per_store: bool = False
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         stage = inputs.get("stage") or task_ctx.task.name
-        return inputs_key(str(stage), {k: v for k, v in inputs.items() if k not in NOT_IN_KEY})
+        excluded = NOT_IN_KEY - {"tracking_uri"} if self.per_store else NOT_IN_KEY
+        return inputs_key(str(stage), {k: v for k, v in inputs.items() if k not in excluded})
 
 
 STAGE_CACHE = StageInputs()
+# How tasks are declared: stages with output folders reuse them themselves (verified), pure computations use Prefect's
+# cache; every result Prefect persists is JSON of the reference types (tasks/serializer.py), never a pickle.
+FOLDER_CACHED = {"cache_policy": NO_CACHE, "persist_result": True, "result_serializer": SERIALIZER}
+PURE_CACHED = {"cache_policy": STAGE_CACHE, "persist_result": True, "result_serializer": SERIALIZER}
+PER_STORE_CACHED = {"cache_policy": StageInputs(per_store=True), "persist_result": True,
+                    "result_serializer": SERIALIZER}

@@ -9,17 +9,18 @@ from prefect import task
 from transformers import AutoTokenizer
 
 from compression.data import DataConfig, encode, fingerprint, load_source, row_hashes, save_encoded, subsample_task
-from compression.models import resolve_model_path
+from compression.models import model_fingerprint, resolve_model_path
 from privacy import files
 from privacy.fingerprint import owner_key
 from tasks import tracking
-from tasks.caching import STAGE_CACHE, stage_dir
-from tasks.refs import DataRef, RunContext
+from tasks.caching import FOLDER_CACHED, mark_finished, stage_dir
+from tasks.refs import DataRef, RunContext, sha256_of
+from tasks.stage import reuse
 
 ROWS_FILE = "row_hashes.npy"  # keyed hashes of every text of the source's train split: local, for overlap checks
 
 
-@task(name="prepare_data", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="prepare_data", **FOLDER_CACHED)
 def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, context: RunContext,
                  stage: str = "prepare_data", private: DataRef | None = None) -> DataRef:
     """`stage`: "prepare_data" for the private task, another name (e.g. "prepare_calibration") for public text, which
@@ -31,21 +32,28 @@ def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, cont
     rows = row_hashes(source, key=key)
     if private is not None:
         _check_disjoint(rows, private, what=f"{stage} ({spec.name} from {data.dir or 'the hub'})")
-    out = stage_dir(output_dir, stage, {"data": data, "tokenizer": tokenizer_name, "fingerprint": digest})
+    out = stage_dir(output_dir, stage, {"data": data, "tokenizer": tokenizer_name, "fingerprint": digest,
+                                        "tokenizer_content": model_fingerprint(tokenizer_name)})
+    if done := reuse(out, stage, context):  # keyed on the data's content: edited data at the same path is new
+        return done
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
     save_encoded(out / "train.pt", encode(train, tokenizer, max_length=data.max_length))
     save_encoded(out / "dev.pt", encode(dev, tokenizer, max_length=data.max_length))
-    np.save(out / ROWS_FILE, np.array(sorted(rows), dtype="S64"))
+    files.atomic_write(out / ROWS_FILE, lambda handle: np.save(handle, np.array(sorted(rows), dtype="S64")))
     meta = {"task": spec.name, "metric": spec.metric, "num_labels": spec.num_labels, "num_train": len(train),
             "num_dev": len(dev), "fingerprint": digest, "source_fingerprint": source_digest,
             "source": data.dir or "huggingface hub"}
     files.write_text(out / "data.json", json.dumps(meta, indent=2))
-    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage) as run:
+    ref = DataRef(path=str(out), fingerprint=digest, source_fingerprint=source_digest, task=spec.name,
+                  metric=spec.metric, num_labels=spec.num_labels, num_train=len(train), num_dev=len(dev),
+                  files={str(out / name): sha256_of(out / name) for name in ("train.pt", "dev.pt", ROWS_FILE)})
+    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
+                            stage_key=out.name) as run:
         run.params({"task": spec.name, "source": meta["source"], "max_length": data.max_length,
                     "num_train": len(train), "num_dev": len(dev), "seed": data.seed})
         run.tags({"data_fingerprint": digest, "source_fingerprint": source_digest, "fingerprint": "hmac-sha256"})
-    return DataRef(path=str(out), fingerprint=digest, source_fingerprint=source_digest, task=spec.name,
-                   metric=spec.metric, num_labels=spec.num_labels, num_train=len(train), num_dev=len(dev))
+        mark_finished(out, ref, run.logged)
+    return ref
 
 
 def _check_disjoint(rows: set[str], private: DataRef, *, what: str) -> None:

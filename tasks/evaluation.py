@@ -1,6 +1,7 @@
 """Prefect tasks at the end of a study: evaluate each model on dev, the results table, open and close the study run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,31 +17,37 @@ from compression.report import write_results
 from privacy import files
 from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
-from tasks.caching import STAGE_CACHE
-from tasks.refs import DataRef, EvalRef, ModelRef
+from tasks.caching import FOLDER_CACHED, finished, mark_finished
+from tasks.refs import DataRef, EvalRef, ModelRef, sha256_of
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="evaluate", **FOLDER_CACHED)
 def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: str) -> EvalRef:
-    """GLUE metric on the public dev split, sparsity, parameters, size and latency; the model exported as a plain HF
-    folder (and, if pruned with masks, in sparse form, with its size); logged to the model's run."""
-    net, tokenizer = load_saved(model.path)
-    results = evaluate(net, load_encoded(data.dev_file), metric=data.metric, directory=model.path)
-    results.update(epsilon=model.epsilon, delta=model.delta)
-    stage_dir = Path(model.path).parent
-    export_hf(net, tokenizer, stage_dir / "hf", id2label=None)
-    if model.masks_path:
-        report = sparse_size_report(net, load_masks(model.masks_path), stage_dir / "sparse")
-        results.update(sparse_size_bytes=report["sparse_bytes"], dense_size_bytes=report["dense_bytes"])
-    files.write_text(stage_dir / "eval.json", json.dumps(results, indent=2))
+    """GLUE metric on the public dev split, sparsity, parameters and size; the model exported as a plain HF folder
+    (and, if pruned with masks, in sparse form, with its size), in `<model's stage folder>/evaluation/`; the metrics
+    logged to the model's run. Latency is measured side by side by bench/inference.py, not here."""
+    out = Path(model.path).parent / "evaluation"
+    done = finished(out)
+    if done is None:
+        net, tokenizer = load_saved(model.path)
+        results = evaluate(net, load_encoded(data.dev_file), metric=data.metric, directory=model.path)
+        results.update(epsilon=model.epsilon, delta=model.delta)
+        export_hf(net, tokenizer, out / "hf", id2label=None)
+        if model.masks_path:
+            report = sparse_size_report(net, load_masks(model.masks_path), out / "sparse")
+            results.update(sparse_size_bytes=report["sparse_bytes"], dense_size_bytes=report["dense_bytes"])
+        files.write_text(out / "eval.json", json.dumps(results, indent=2))
+        done = EvalRef(stage=model.stage, model_sha256=model.sha256, results=results,
+                       files={str(out / name): sha256_of(out / name) for name in ("eval.json", "hf")})
+        mark_finished(out, done)
     if model.run_id:
-        run = tracking.StageRun(tracking.client(tracking_uri), model.run_id)
-        run.metrics({f"dev_{k}": v for k, v in results.items() if k not in ("epsilon", "delta")})
-        run.tags({"hf_export": str(stage_dir / "hf")})  # a folder on disk: 90 MB per model is too much to upload
-    return EvalRef(stage=model.stage, model_sha256=model.sha256, results=results, run_id=model.run_id)
+        tracking.log_once(tracking_uri, model.run_id, {f"dev_{k}": v for k, v in done.results.items()
+                                                       if k not in ("epsilon", "delta")},
+                          tags={"hf_export": str(out / "hf")})  # a folder on disk: too large to upload per model
+    return dataclasses.replace(done, run_id=model.run_id)
 
 
-@task(name="results_table", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="results_table", **FOLDER_CACHED)
 def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: dict[str, str], metric: str,
                   scope: str, tracking_uri: str, parent_run_id: str, output_dir: str) -> list[dict]:
     """One row per model (CSV, Markdown, two plots) logged to the study run under results/; returns the rows."""
@@ -48,7 +55,6 @@ def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: 
              "sparsity": e.results["sparsity"], "parameters": e.results["parameters"],
              "nonzero_parameters": e.results.get("nonzero_parameters"), "size_mb": e.results.get("size_bytes", 0) / 1e6,
              "sparse_size_mb": e.results.get("sparse_size_bytes", 0) / 1e6 or None,
-             "latency_ms_b1": e.results.get("latency_ms_b1"), "latency_ms_b32": e.results.get("latency_ms_b32"),
              "epsilon": m.epsilon, "delta": m.delta} for m, e in zip(models, evaluations)]
     private = [m for m in models if math.isfinite(m.epsilon)]
     ledgers = [Ledger.load(m.ledger_path) for m in private]

@@ -21,18 +21,20 @@ from compression.train import TrainConfig
 from privacy import files
 from privacy.config import StageBudget
 from privacy.noise import make_generator
-from tasks.caching import STAGE_CACHE, save_once, stage_dir
+from tasks.caching import FOLDER_CACHED, finished, mark_finished, stage_dir
 from tasks.refs import DataRef, ModelRef, RunContext, StatsRef, sha256_of
-from tasks.stage import console_progress, run_dp_stage, run_release
+from tasks.stage import console_progress, reuse, run_dp_stage, run_release
 
 
-@task(name="release_statistics", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="release_statistics", **FOLDER_CACHED)
 def release_statistics(*, stage: str, budget: StageBudget, upstream: ModelRef, ledger_from: ModelRef | StatsRef,
                        data: DataRef, schedule: PruneSchedule, seed: int, output_dir: str,
                        context: RunContext) -> StatsRef:
     """Statistics of `upstream`'s layer inputs over the private data, in one DP release (mechanism gaussian_sum)."""
     out = stage_dir(output_dir, stage, {"upstream": upstream, "ledger_from": ledger_from, "schedule": schedule,
                                         "budget": budget})
+    if done := reuse(out, stage, context):
+        return done
 
     def release() -> dict:
         return statistics.release_statistics(
@@ -43,31 +45,40 @@ def release_statistics(*, stage: str, budget: StageBudget, upstream: ModelRef, l
                        context=context)
 
 
-@task(name="public_statistics", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="public_statistics", **FOLDER_CACHED)
 def public_statistics(*, model: ModelRef, calibration: list[DataRef], include: str, output_dir: str) -> StatsRef:
     """Statistics of `model`'s layer inputs summed over public calibration texts: no noise, no ledger entry (no
     private data is read). Per model and texts: per-target lines, which all prune the teacher, share them."""
-    path = stage_dir(output_dir, "calibration_statistics", {"model": model.sha256, "texts": calibration,
-                                                             "include": include}) / "statistics.pt"
-    save_once(path, lambda: statistics.public_statistics(
+    out = stage_dir(output_dir, "calibration_statistics", {"model": model.sha256, "texts": calibration,
+                                                            "include": include})
+    return _public_tensors(out, "calibration_statistics", lambda: statistics.public_statistics(
         load_saved(model.path)[0], [load_encoded(c.train_file) for c in calibration], include=include))
-    return StatsRef(stage="calibration_statistics", path=str(path), sha256=sha256_of(path))
 
 
-@task(name="public_targets", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="public_targets", **FOLDER_CACHED)
 def public_targets(*, teacher: ModelRef, calibration: list[DataRef], split_pairs: bool, output_dir: str) -> StatsRef:
     """The DP teacher's outputs on the public calibration texts (post-processing of a DP model on public text)."""
-    path = stage_dir(output_dir, "public_targets", {"teacher": teacher.sha256, "texts": calibration,
-                                                     "split_pairs": split_pairs}) / "targets.pt"
-    save_once(path, lambda: teacher_targets(load_saved(teacher.path)[0], _texts(calibration, split_pairs)))
-    return StatsRef(stage="public_targets", path=str(path), sha256=sha256_of(path))
+    out = stage_dir(output_dir, "public_targets", {"teacher": teacher.sha256, "texts": calibration,
+                                                    "split_pairs": split_pairs})
+    return _public_tensors(out, "public_targets", lambda: teacher_targets(load_saved(teacher.path)[0],
+                                                                          _texts(calibration, split_pairs)))
+
+
+def _public_tensors(out, stage: str, compute) -> StatsRef:
+    """Tensors computed from public text only (no privacy cost, no ledger, nothing logged), kept in `out`."""
+    if done := finished(out):
+        return done
+    path = files.torch_save(compute(), out / "tensors.pt")
+    ref = StatsRef(stage=stage, path=str(path), sha256=sha256_of(path))
+    mark_finished(out, ref)
+    return ref
 
 
 def _texts(calibration: list[DataRef], split_pairs: bool) -> dict:
     return public_texts([load_encoded(c.train_file) for c in calibration], split_pairs=split_pairs)
 
 
-@task(name="prune_round", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="prune_round", **FOLDER_CACHED)
 def prune_round(*, stage: str, budget: StageBudget, round_index: int, upstream: ModelRef,
                 ledger_from: ModelRef | StatsRef, data: DataRef, teacher: ModelRef, schedule: PruneSchedule, method,
                 train: TrainConfig, kd: KDConfig, rewind: bool, statistics: StatsRef | None = None,
@@ -80,6 +91,8 @@ def prune_round(*, stage: str, budget: StageBudget, round_index: int, upstream: 
                                         "rewind": rewind, "budget": budget, "round": round_index,
                                         "statistics": statistics, "public_distill": public_distill,
                                         "targets": targets})
+    if done := reuse(out, stage, context):
+        return done
     out.mkdir(parents=True, exist_ok=True)
     net, tokenizer = load_saved(upstream.path)
     reference = load_saved(teacher.path)[0] if rewind or kd.weight > 0 or public_distill else None

@@ -1,22 +1,10 @@
 """Small frozen references that tasks return and take: paths plus content hashes, never models or tensors."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def sha256_of(path: str | Path) -> str:
-    """Content hash of a file, or of a folder (relative names and bytes of every file, in sorted order)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+from privacy.files import sha256_of  # noqa: F401  (re-exported: the refs' digests)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +21,7 @@ class DataRef:
     num_labels: int
     num_train: int
     num_dev: int
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256 of the encoded splits
 
     @property
     def train_file(self) -> Path:
@@ -56,6 +45,7 @@ class ModelRef:
     delta: float
     run_id: str = ""
     masks_path: str | None = None
+    masks_sha256: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +67,7 @@ class EvalRef:
     model_sha256: str
     results: dict = field(default_factory=dict)
     run_id: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its outputs (results, HF export)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ from prefect import task
 from compression.models import load_saved
 from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
-from tasks.caching import STAGE_CACHE
+from tasks.caching import PER_STORE_CACHED
 from tasks.refs import EvalRef, ModelRef
 
 _PACKAGES = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def choose_release(models: list[ModelRef], evaluations: list[EvalRef], *, scope:
     return models[max(compressed)[1]], [models[i] for _, i in compressed]
 
 
-@task(name="register_model", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="register_model", **PER_STORE_CACHED)  # once per model and tracking store
 def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope: str, stage: str | None, name: str,
                    task_name: str, tracking_uri: str) -> str:
     """Log the released model (`choose_release`) and register it, tagged with what its epsilon means: with a

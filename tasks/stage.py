@@ -7,12 +7,11 @@ The numbers (sigma, q, steps, mechanism) come from the study's plan (`StageBudge
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from prefect import get_run_logger
 
 from compression.data import load_encoded
 from compression.methods import get_method
@@ -25,8 +24,23 @@ from privacy.config import StageBudget
 from privacy.dataset_ledger import DatasetLedger
 from privacy.ledger import Ledger
 from tasks import tracking
-from tasks.console import console
+from tasks.caching import finished, mark_finished
+from tasks.console import console, run_logger
 from tasks.refs import BudgetAccount, DataRef, ModelRef, RunContext, StatsRef, sha256_of
+
+
+def reuse(out: Path, stage: str, context: RunContext | None):
+    """The reference of a stage that already finished in `out` (outputs verified, caching.finished), logged in the
+    current tracking store (its run there, or the same logging replayed into a new store); None to run it."""
+    ref = finished(out)
+    if ref is None or context is None:
+        return ref
+    uri, parent = context.tracking_uri, context.parent_run_id
+    run_id = tracking.finished_stage_run(uri=uri, parent_run_id=parent, stage_key=out.name)
+    if run_id is None:
+        logged = json.loads((out / "tracking.json").read_text())
+        run_id = tracking.replay(uri=uri, parent_run_id=parent, stage=stage, stage_key=out.name, logged=logged)
+    return dataclasses.replace(ref, run_id=run_id) if hasattr(ref, "run_id") else ref
 
 
 def load_ledger(source: ModelRef | StatsRef | None) -> Ledger:
@@ -37,9 +51,13 @@ def load_ledger(source: ModelRef | StatsRef | None) -> Ledger:
 def run_dp_stage(*, name: str, budget: StageBudget, model, tokenizer, data: DataRef, train: TrainConfig, method,
                  out: Path, ledger_from: ModelRef | StatsRef | None, context: RunContext, masks=None, loss_fn=None,
                  params: dict | None = None) -> ModelRef:
-    """DP-train `model` (stage `name`, its event from `budget`) and release it as `out/model` with its ledger."""
+    """DP-train `model` (stage `name`, its event from `budget`) and release it as `out/model` with its ledger.
+    Written in this order, so that a stage killed at any point loses nothing finished: the model and ledger, the
+    dataset ledger's record, the stage's logging, `done.json` (the stage counts as finished from here), and only
+    then the checkpoint goes (a stage killed before `done.json` resumes from its last checkpoint)."""
     ledger = _check(name, budget, ledger_from, context.account)
-    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name) as run:
+    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name,
+                            stage_key=out.name) as run:
         event = budget.event
         run.params({"train": vars(train), "method": vars(method), "noise_multiplier": event.noise_multiplier,
                     "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
@@ -54,12 +72,15 @@ def run_dp_stage(*, name: str, budget: StageBudget, model, tokenizer, data: Data
         if masks:
             save_masks(masks, out / "masks.pt")
         _charge(context.account, name, out, train.max_grad_norm, budget.noise)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds the noise generator: never outlives the stage
         _log_release(run, ledger, budget, out)
-    return ModelRef(stage=name, path=str(out / "model"), sha256=sha256_of(out / "model"),
-                    ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
-                    epsilon=ledger.entries[-1].epsilon_after, delta=budget.delta, run_id=run.run_id,
-                    masks_path=str(out / "masks.pt") if masks else None)
+        ref = ModelRef(stage=name, path=str(out / "model"), sha256=sha256_of(out / "model"),
+                       ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
+                       epsilon=ledger.entries[-1].epsilon_after, delta=budget.delta, run_id=run.run_id,
+                       masks_path=str(out / "masks.pt") if masks else None,
+                       masks_sha256=sha256_of(out / "masks.pt") if masks else None)
+        mark_finished(out, ref, run.logged)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds the noise generator: never outlives the stage
+    return ref
 
 
 def run_release(*, name: str, budget: StageBudget, release: Callable[[], dict], data: DataRef, out: Path,
@@ -76,12 +97,15 @@ def run_release(*, name: str, budget: StageBudget, release: Callable[[], dict], 
         files.torch_save(statistics, saved)  # a DP release: safe to keep, and never redrawn
     ledger = _record(name, budget, ledger, data, 1.0)
     ledger.save(out / "ledger.json")
-    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name) as run:
+    with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name,
+                            stage_key=out.name) as run:
         run.params({"mechanism": budget.mechanism, "noise_multiplier": budget.noise_multiplier})
         _log_release(run, ledger, budget, out)
-    get_run_logger().info("%s: released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,
+        ref = StatsRef(stage=name, path=str(saved), sha256=sha256_of(saved), ledger_path=str(out / "ledger.json"))
+        mark_finished(out, ref, run.logged)
+    run_logger().info("%s: released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,
                           ledger.entries[-1].epsilon_after)
-    return StatsRef(stage=name, path=str(saved), sha256=sha256_of(saved), ledger_path=str(out / "ledger.json"))
+    return ref
 
 
 def _check(name: str, budget: StageBudget, ledger_from, account: BudgetAccount | None) -> Ledger:
@@ -122,7 +146,7 @@ def _log_release(run: tracking.StageRun, ledger: Ledger, budget: StageBudget, ou
 def _progress(name: str, run: tracking.StageRun, ledger: Ledger, budget: StageBudget):
     """An on_step callback. The loss (a mean over private examples) goes to the local console only; Prefect's log
     gets steps, epsilon so far and the ETA (public), every minute; MLflow gets epsilon."""
-    local, public, event = console(), get_run_logger(), budget.event
+    local, public, event = console(), run_logger(), budget.event
     began, last, first = time.monotonic(), [0.0, 0.0], []
 
     def on_step(step: int, metrics: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from compression.data import load_encoded
 from compression.distill import distillation_loss
@@ -15,12 +15,13 @@ from compression.pruning.structured import structured_round as shrink
 from compression.train import TrainConfig
 from privacy import files
 from privacy.config import StageBudget
-from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.caching import FOLDER_CACHED, stage_dir
+from tasks.console import run_logger
 from tasks.refs import DataRef, ModelRef, RunContext
-from tasks.stage import run_dp_stage
+from tasks.stage import reuse, run_dp_stage
 
 
-@task(name="structured_round", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="structured_round", **FOLDER_CACHED)
 def structured_round(*, stage: str, budget: StageBudget, round_index: int, upstream: ModelRef,
                      ledger_from: ModelRef, data: DataRef, teacher: ModelRef, schedule: StructuredConfig, method,
                      train: TrainConfig, kd: KDConfig, output_dir: str, context: RunContext) -> ModelRef:
@@ -29,9 +30,11 @@ def structured_round(*, stage: str, budget: StageBudget, round_index: int, upstr
     out = stage_dir(output_dir, stage, {"upstream": upstream, "ledger_from": ledger_from, "teacher": teacher,
                                         "schedule": schedule, "method": method, "train": train, "kd": kd,
                                         "budget": budget, "round": round_index})
+    if done := reuse(out, stage, context):
+        return done
     net, tokenizer = load_saved(upstream.path)
     report = shrink(net, schedule, round_index)
-    get_run_logger().info("%s: %d layers kept, heads %s, FFN widths %s, parameters %d -> %d", stage,
+    run_logger().info("%s: %d layers kept, heads %s, FFN widths %s, parameters %d -> %d", stage,
                           report["num_layers"], report["heads"], report["ffn"], report["parameters_before"],
                           report["parameters_after"])
     files.write_text(out / "structure.json", json.dumps(report, indent=2, default=str))

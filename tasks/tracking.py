@@ -24,19 +24,34 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a local sqlite store keeps its artifacts: `mlartifacts/` beside the database (under the study folder
+    by default), never the working directory's `mlruns/`. None for a server (it decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def experiment_id(uri: str, name: str) -> str:
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow_client.create_experiment(name)
+    if found:
+        return found.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
 
 
 def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: dict) -> str:
-    """The parent run of a study: reused when the same study (same config) is run or resumed again."""
+    """The parent run of a study: reused when the same study (same config) is run or resumed again. Stage runs an
+    earlier, killed run left RUNNING are marked KILLED (nothing of a killed stage is released)."""
     mlflow_client = client(uri)
     exp = experiment_id(uri, experiment)
     runs = mlflow_client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{study_key}'", max_results=1)
     if runs:
         run_id = runs[0].info.run_id
+        orphans = mlflow_client.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'")
+        for orphan in orphans:
+            mlflow_client.set_terminated(orphan.info.run_id, "KILLED")
         mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
     run = mlflow_client.create_run(exp, run_name=name, tags={STUDY_TAG: study_key, "dpcompress.kind": "study"})
@@ -54,19 +69,25 @@ def end_study(*, uri: str, run_id: str, failed: bool = False, table: list[dict] 
 
 
 class StageRun:
-    """A nested run for one stage; methods log through the client (safe from any thread)."""
+    """A nested run for one stage; methods log through the client (safe from any thread). What it logs (params,
+    final metrics, tags, artifacts) is kept in `logged`, so that a stage reused from its folder can be logged again
+    into another tracking store (`replay`)."""
 
     def __init__(self, mlflow_client: MlflowClient, run_id: str):
         self.client, self.run_id = mlflow_client, run_id
+        self.logged: dict = {"params": {}, "metrics": {}, "tags": {}, "artifacts": []}
 
     def params(self, params: dict) -> None:
         for key, value in _flatten(params).items():
             self.client.log_param(self.run_id, key, str(value)[:500])
+            self.logged["params"][key] = str(value)[:500]
 
     def metrics(self, metrics: dict, step: int | None = None) -> None:
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+                if step is None:
+                    self.logged["metrics"][key] = float(value)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -74,25 +95,65 @@ class StageRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.logged["artifacts"].append([str(path), artifact_path])
 
     def tags(self, tags: dict) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+            self.logged["tags"][key] = str(value)
+
+
+STAGE_KEY_TAG = "dpcompress.stage_key"
 
 
 @contextlib.contextmanager
-def stage_run(*, uri: str, parent_run_id: str, stage: str) -> Iterator[StageRun]:
-    """Open a nested run under the study run; it ends FAILED if the stage raises."""
+def stage_run(*, uri: str, parent_run_id: str, stage: str, stage_key: str = "") -> Iterator[StageRun]:
+    """Open a nested run under the study run, tagged with the stage's folder name (`stage_key`); it ends FAILED if
+    the stage raises (KILLED, by the next run of the study, if the process dies)."""
     mlflow_client = client(uri)
     parent = mlflow_client.get_run(parent_run_id)
     run = mlflow_client.create_run(parent.info.experiment_id, run_name=stage,
-                                   tags={"mlflow.parentRunId": parent_run_id, "dpcompress.stage": stage})
+                                   tags={"mlflow.parentRunId": parent_run_id, "dpcompress.stage": stage,
+                                         STAGE_KEY_TAG: stage_key})
     try:
         yield StageRun(mlflow_client, run.info.run_id)
     except BaseException:
         mlflow_client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow_client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def log_once(uri: str, run_id: str, metrics: dict, *, tags: dict) -> None:
+    """Log `metrics` and `tags` to `run_id` unless it already holds the metrics (a reused stage's evaluation)."""
+    mlflow_client = client(uri)
+    have = mlflow_client.get_run(run_id).data.metrics
+    run = StageRun(mlflow_client, run_id)
+    run.metrics({k: v for k, v in metrics.items() if k not in have})
+    run.tags(tags)
+
+
+def finished_stage_run(*, uri: str, parent_run_id: str, stage_key: str) -> str | None:
+    """The FINISHED run of stage folder `stage_key` under the study run, if this store has one."""
+    mlflow_client = client(uri)
+    parent = mlflow_client.get_run(parent_run_id)
+    runs = mlflow_client.search_runs(
+        [parent.info.experiment_id], max_results=1,
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_KEY_TAG}` = '{stage_key}' "
+                      "and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
+
+
+def replay(*, uri: str, parent_run_id: str, stage: str, stage_key: str, logged: dict) -> str:
+    """Log a finished stage again, from what its run logged (`StageRun.logged`), into this store: a study reused
+    from its folders in a new tracking store gets every stage's run, params, tags, metrics and artifacts."""
+    with stage_run(uri=uri, parent_run_id=parent_run_id, stage=stage, stage_key=stage_key) as run:
+        run.params(logged["params"])
+        run.tags(logged["tags"])
+        run.metrics(logged["metrics"])
+        for path, artifact_path in logged["artifacts"]:
+            if Path(path).exists():
+                run.artifact(path, artifact_path)
+    return run.run_id
 
 
 def register_model(*, uri: str, run_id: str, model, name: str, tags: dict, pip_requirements: list[str],

@@ -14,11 +14,10 @@ ROWS = [
 ]
 
 
-def test_frame_orders_columns_names_the_metric_and_computes_speedup():
+def test_frame_orders_columns_names_the_metric_and_leaves_latency_to_the_benchmark():
     frame = results_frame(ROWS, metric="accuracy")
     assert list(frame.columns[:4]) == ["stage", "line", "accuracy", "sparsity"]
-    assert frame.set_index("stage")["speedup_b32"].to_dict() == {"nonprivate_teacher": 1.0, "teacher": 1.0,
-                                                                  "structured_2": 2.0}
+    assert not [c for c in frame.columns if "latency" in c or "speedup" in c]  # bench/inference.py measures it
 
 
 def test_markdown_and_files(tmp_path):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,48 +17,6 @@ from mlflow import MlflowClient
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115  (the server writes it)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def prefect_backend(tmp_path_factory):
-    """A temporary Prefect server (a real API process) and result storage in a folder of this module's own."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
-        yield storage
 
 
 class LocalLines(logging.Handler):
@@ -126,6 +83,22 @@ def _config(tmp_path: Path, model: str, uri: str, name: str, schedule: dict | No
     return path
 
 
+def _record_losses(monkeypatch) -> list[float]:
+    """Every training loss the stages compute (what must never leave the process), at full precision."""
+    import tasks.stage
+
+    losses, train = [], tasks.stage.dp_train
+
+    def spy(*args, on_step=None, **kwargs):
+        def record(step, metrics):
+            losses.append(metrics["loss"])
+            if on_step:
+                on_step(step, metrics)
+        return train(*args, on_step=record, **kwargs)
+    monkeypatch.setattr(tasks.stage, "dp_train", spy)
+    return losses
+
+
 class Calls:
     """Counts calls of a function a task uses, `module.name` (tasks run in threads of this process)."""
 
@@ -150,16 +123,19 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     from flows.study import study
 
     # this study may retrain its stages once with other settings: a lifetime budget for two studies' worth
-    path = _config(tmp_path, tiny_model, mlflow_server, "tiny", privacy={"dataset_budget": 16.5})
+    # this study retrains some stages with other settings or after damage: a lifetime budget for that
+    path = _config(tmp_path, tiny_model, mlflow_server, "tiny", privacy={"dataset_budget": 30.0})
     trained = Calls(monkeypatch, "tasks.stage.dp_train")
+    losses = _record_losses(monkeypatch)
     rows = study(config_path=str(path))
     # Nothing computed on private examples left the process: no loss value and no training text in Prefect's logs
     # or persisted results (they live on the server and in result storage), only on the local console.
-    losses = [line.split("loss ")[1].split()[0] for line in local_console.lines if "loss " in line]
-    assert len(losses) >= 4
+    assert len(losses) >= 12 and any("loss " in line for line in local_console.lines)
     shipped = _what_left_the_process(prefect_backend)
     assert "step" in shipped and "eps" in shipped  # public progress did reach Prefect
-    assert not [value for value in losses if value in shipped]
+    forms = [form for value in losses for form in (repr(value), f"{value:.6g}", f"loss {value:.4f}")]
+    leaked = [form for form in forms if form in shipped]
+    assert not leaked
     assert "loss" not in shipped.lower()
     _, train, _ = load_task(DataConfig(task="sst2", dir=str(GLUE), max_train_examples=48))
     assert not [text for text in train.texts[0] if len(text) > 12 and text in shipped]
@@ -195,8 +171,30 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     assert again == rows
     assert time.monotonic() - began < 60
 
+    # A cache hit means the outputs exist, verified: a damaged model and a deleted stage folder are recomputed.
+    stages = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "runs" / "tiny" / "stages").iterdir()}
+    weights = stages["distill"] / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    repaired = study(config_path=str(path))
+    assert trained.count == 5 and repaired[:3] == rows[:3]  # distill alone trained again
+    shutil.rmtree(stages["prune_2"])
+    study(config_path=str(path))
+    assert trained.count == 7  # prune_2, and distill after it (its input changed)
+
+    # Another tracking store: nothing trains, and the new store gets the study's runs, table and registered model.
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    study(config_path=str(path), overrides=[f"tracking.uri={other}"])
+    assert trained.count == 7
+    moved = MlflowClient(other)
+    moved_runs = moved.search_runs([moved.get_experiment_by_name("e2e").experiment_id])
+    assert {"teacher", "prune_1", "prune_2", "distill"} <= {r.info.run_name for r in moved_runs}
+    assert {r.info.status for r in moved_runs} == {"FINISHED"}
+    assert moved.search_model_versions("name='tiny-sst2'")
+    assert not (Path.cwd() / "mlruns").exists()  # a local store keeps its artifacts beside its database
+    assert list((tmp_path / "other" / "mlartifacts").rglob("results.md"))
+
     changed = study(config_path=str(path), overrides=["prune.schedule.target_sparsity=0.6"])
-    assert trained.count == 4 + 3  # prune_1, prune_2 and distill retrain; the teacher does not
+    assert trained.count == 7 + 3  # prune_1, prune_2 and distill retrain; the teacher does not
     assert changed[0] == rows[0] and changed[2]["sparsity"] == pytest.approx(0.6, abs=0.01)
 
     # One budget per dataset: another study on the same source file is refused before it trains anything, naming
@@ -206,10 +204,11 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     second = _config(tmp_path, tiny_model, mlflow_server, "second")
     with pytest.raises(DatasetBudgetError, match=r"(?s)tiny.*dataset_budget"):
         study(config_path=str(second))
-    assert trained.count == 7
+    assert trained.count == 10
     with DatasetLedger(tmp_path / "ledger.db") as lifetime:
         history = lifetime.history()
-    assert [r.stage for r in history] == ["teacher", "prune_1", "prune_2", "distill", "prune_1", "prune_2", "distill"]
+    assert [r.stage for r in history] == ["teacher", "prune_1", "prune_2", "distill", "distill", "prune_2", "distill",
+                                          "prune_1", "prune_2", "distill"]  # every retrained stage spent again
     assert {r.study for r in history} == {"tiny"} and {r.noise for r in history} == {"secret"}
 
 
@@ -317,10 +316,10 @@ def test_paper_study_lines_table_report_and_exports(tmp_path, mlflow_server, pre
     footer = (study_dir / "results" / "footer.txt").read_text()
     union = float(footer.split("together: epsilon = ")[1].split()[0])
     assert union > 8.0  # releasing every line's models costs their composition
-    exported = AutoModelForSequenceClassification.from_pretrained(stage_dirs["structured_1"] / "hf",
+    exported = AutoModelForSequenceClassification.from_pretrained(stage_dirs["structured_1"] / "evaluation" / "hf",
                                                                   trust_remote_code=True)
     assert sum(p.numel() for p in exported.parameters()) == by_stage["structured_1"]["parameters"]
-    assert json.loads((stage_dirs["prune_3"] / "eval.json").read_text())["sparse_size_bytes"] > 0
+    assert json.loads((stage_dirs["prune_3"] / "evaluation" / "eval.json").read_text())["sparse_size_bytes"] > 0
 
     client = MlflowClient(mlflow_server)
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("e2e-paper").experiment_id])

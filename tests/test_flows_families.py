@@ -3,11 +3,6 @@ every-other-layer student, evaluation with HF export) on a tiny RoBERTa and a ti
 flow against a real `mlflow server` process and a temporary Prefect server."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,48 +12,6 @@ import yaml
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115  (the server writes it)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def prefect_backend(tmp_path_factory):
-    """A temporary Prefect server (a real API process) and result storage in a folder of this module's own."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
-        yield storage
 
 
 def _tiny_model(directory: Path, model_type: str) -> str:
@@ -105,7 +58,8 @@ def test_quickstart_study_runs_on_other_families(tmp_path, mlflow_server, prefec
     stages = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "runs" / f"tiny-{model_type}" / "stages").iterdir()}
     student, tokenizer = load_saved(stages["distill"] / "model")
     assert student.encoder.config.model_type == model_type and student.num_layers == 2
-    exported = AutoModelForSequenceClassification.from_pretrained(stages["distill"] / "hf", trust_remote_code=True)
+    exported = AutoModelForSequenceClassification.from_pretrained(stages["distill"] / "evaluation" / "hf",
+                                                                 trust_remote_code=True)
     assert exported.config.encoder_config["model_type"] == model_type
     batch = tokenizer(["a fine film", "not good at all , sadly"], padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -55,3 +55,14 @@ def test_disjoint_public_text_passes_and_only_keyed_fingerprints_are_published(t
     assert meta["fingerprint"] == private.fingerprint and len(private.source_fingerprint) == 64
     assert private.source_fingerprint != private.fingerprint  # the whole file vs the subsample
     assert "sha256" not in json.dumps(meta)
+
+
+def test_edited_data_at_the_same_path_is_new_data(tmp_path, tracking_run):
+    """Keyed on content: the same file path with its labels flipped is prepared again, with another fingerprint."""
+    glue = _glue(tmp_path / "glue", ["a public sentence ."])
+    before = _prepare(glue, "sst2", tmp_path, tracking_run)
+    assert _prepare(glue, "sst2", tmp_path, tracking_run) == before  # unchanged: reused
+    flipped = SST2.replace("\t0\n", "\tX\n").replace("\t1\n", "\t0\n").replace("\tX\n", "\t1\n")
+    (glue / "SST-2" / "train.tsv").write_text(flipped)
+    after = _prepare(glue, "sst2", tmp_path, tracking_run)
+    assert after.fingerprint != before.fingerprint and after.path != before.path

@@ -1,0 +1,42 @@
+"""One run of a study at a time: an exclusive lock on its folder, held for the whole flow run. A second
+`dpcompress run` of the same study (or a deployment run of it) stops at once with one line, before it touches the
+tracking store or any stage folder."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK_FILE = ".dpcompress.lock"
+
+
+class StudyLockedError(RuntimeError):
+    """Another process runs this study."""
+
+
+@contextlib.contextmanager
+def study_lock(study_dir: str | Path) -> Iterator[Path]:
+    """Hold the lock of `study_dir` (created if missing); StudyLockedError naming the holder if another process has
+    it. The lock dies with its process (flock), so a killed run never leaves the study locked."""
+    folder = Path(study_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StudyLockedError(f"study folder {folder} is in use by {holder}: one run of a study at a time "
+                                   f"(wait for it, or stop it)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield path
+    finally:
+        handle.close()
