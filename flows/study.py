@@ -26,7 +26,15 @@ def study_key(cfg: StudyConfig) -> str:
 
 @flow(name="dpcompress-study", log_prints=True)
 def study(config_path: str, overrides: list[str] | None = None, glue_dir: str | None = None) -> list[dict]:
-    """Run (or resume) the study in `config_path`; returns one summary row per model."""
+    """Run (or resume) the study in `config_path`; returns one summary row per model.
+
+    Args:
+        config_path: The study's YAML config, absolute or relative to the working directory (on a worker,
+            $DPCOMPRESS_WORKDIR), e.g. flows/configs/quickstart.yaml.
+        overrides: Config keys to override, each KEY=VALUE like `dpcompress run --set`, e.g. privacy.epsilon=4.
+        glue_dir: Local GLUE folder (SST-2/, CoLA/, ...) for a config without data.dir; default
+            $DPCOMPRESS_GLUE_DIR, else the HF hub.
+    """
     return run_study(load_config(config_path, overrides or [], glue_dir=glue_dir))
 
 
