@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
+from compression.glue_files import read_columns
 from privacy import files
 from privacy.fingerprint import KeyedDigest, keyed_hash
 
@@ -24,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 HF_DATASET = "nyu-mll/glue"
 _SPLITS = ("train", "dev")
-_STSB_RANGE = (0.0, 5.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,57 +142,23 @@ class Split:
         return Split(tuple([col[i] for i in idx] for col in self.texts), [self.labels[i] for i in idx])
 
 
-def _read_tsv(path: Path, spec: TaskSpec) -> pd.DataFrame:
-    try:
-        return pd.read_csv(
-            path, sep="\t", quoting=3, keep_default_na=False, dtype=str, encoding="utf-8-sig",
-            header=0 if spec.header else None,
-            names=None if spec.header else list(spec.columns or ()),
-            index_col=False,
-        )
-    except pd.errors.ParserError as err:
-        raise ValueError(f"{path}: cannot parse as a GLUE TSV ({spec.name}): {err}") from err
-
-
-def _parse_labels(raw: list[str], spec: TaskSpec, path: Path) -> list[int] | list[float]:
-    if spec.label_names is None:
-        return [_parse_score(value, row, path) for row, value in enumerate(raw, start=1)]
-    index = {name: i for i, name in enumerate(spec.label_names)}
-    labels = []
-    for row, value in enumerate(raw, start=1):
-        key = value.strip()
-        if key not in index:
-            raise ValueError(
-                f"{path}: data row {row}: label {value!r} not in allowed labels {list(spec.label_names)}"
-            )
-        labels.append(index[key])
-    return labels
-
-
-def _parse_score(value: str, row: int, path: Path) -> float:
-    low, high = _STSB_RANGE
-    try:
-        score = float(value)
-    except ValueError:
-        score = math.nan
-    if not low <= score <= high:
-        raise ValueError(f"{path}: data row {row}: score {value!r} is not a number in [{low}, {high}]")
-    return score
-
-
 def _load_local(spec: TaskSpec, data_dir: str, split: str) -> Split:
     path = Path(data_dir) / spec.folder / (spec.train_file if split == "train" else spec.dev_file)
     if not path.is_file():
-        raise FileNotFoundError(f"GLUE task {spec.name!r} split {split!r}: no file at {path.resolve()}")
-    frame = _read_tsv(path, spec)
-    found = list(frame.columns)
-    for column in (*spec.text_columns, spec.label_column):
-        if column not in found:
-            raise ValueError(f"{path}: missing column {column!r}; columns found: {found}")
-    texts = tuple([text.strip() for text in frame[column].tolist()] for column in spec.text_columns)
-    labels = _parse_labels(frame[spec.label_column].tolist(), spec, path)
+        raise FileNotFoundError(f"GLUE task {spec.name!r} split {split!r}: no file at {path.resolve()}"
+                                f"{_why_missing(Path(data_dir), spec)}")
+    texts, labels = read_columns(path, spec)
     logger.info("loaded %s %s: %d rows from %s", spec.name, split, len(labels), path)
     return Split(texts, labels)
+
+
+def _why_missing(root: Path, spec: TaskSpec) -> str:
+    if not root.is_dir():
+        return f" (the GLUE folder {root.resolve()} does not exist)"
+    if not (root / spec.folder).is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        return f" (the GLUE folder has no {spec.folder}/; it has {found})"
+    return ""
 
 
 def _load_hub(spec: TaskSpec, split: str) -> Split:

@@ -149,7 +149,7 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None =
     try:
         encoder = _encoder(path)
     except OSError as err:
-        raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no local folder or cached hub model "
+        raise FileNotFoundError(f"model {name_or_path!r}: no local folder or cached hub model "
                                 f"could be loaded ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
@@ -168,14 +168,15 @@ def _encoder(path, config=None) -> PreTrainedModel:
 
 # per model_type: its names for the FFN width and the dropouts, and its other settings for a tiny test model
 _TINY_SETTINGS = {
-    "bert": lambda width, p, vocab: dict(intermediate_size=width, max_position_embeddings=128, hidden_dropout_prob=p,
-                                         attention_probs_dropout_prob=p),
-    "roberta": lambda width, p, vocab: dict(intermediate_size=width, max_position_embeddings=130, type_vocab_size=1,
-                                            hidden_dropout_prob=p, attention_probs_dropout_prob=p),
-    "distilbert": lambda width, p, vocab: dict(hidden_dim=width, max_position_embeddings=128, dropout=p,
-                                               attention_dropout=p),
-    "gpt2": lambda width, p, vocab: dict(n_inner=width, n_positions=128, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-                                         bos_token_id=vocab - 1, eos_token_id=vocab - 1),
+    "bert": lambda width, p, vocab: {"intermediate_size": width, "max_position_embeddings": 128,
+                                     "hidden_dropout_prob": p, "attention_probs_dropout_prob": p},
+    "roberta": lambda width, p, vocab: {"intermediate_size": width, "max_position_embeddings": 130,
+                                        "type_vocab_size": 1, "hidden_dropout_prob": p,
+                                        "attention_probs_dropout_prob": p},
+    "distilbert": lambda width, p, vocab: {"hidden_dim": width, "max_position_embeddings": 128, "dropout": p,
+                                           "attention_dropout": p},
+    "gpt2": lambda width, p, vocab: {"n_inner": width, "n_positions": 128, "resid_pdrop": p, "embd_pdrop": p,
+                                     "attn_pdrop": p, "bos_token_id": vocab - 1, "eos_token_id": vocab - 1},
 }
 
 

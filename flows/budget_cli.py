@@ -9,7 +9,6 @@ import math
 import sys
 
 from flows.tables import format_table
-from privacy.accounting import DPEvent, calibrate_noise, compose_epsilon
 
 SAMPLING, UNIT = "poisson", "example"  # what the accountants assume (privacy/accounting.py)
 
@@ -71,6 +70,8 @@ def _emit(args, values: dict, line: str) -> int:
 
 
 def cmd_epsilon(args) -> int:
+    from privacy.accounting import DPEvent, compose_epsilon
+
     event = DPEvent(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, num_steps=args.steps)
     epsilon = compose_epsilon([event], delta=args.delta, accountant=args.accountant)
     values = {"epsilon": epsilon, "sigma": args.noise_multiplier, "sample_rate": args.sample_rate,
@@ -81,6 +82,8 @@ def cmd_epsilon(args) -> int:
 
 
 def cmd_sigma(args) -> int:
+    from privacy.accounting import DPEvent, calibrate_noise, compose_epsilon
+
     try:
         sigma = calibrate_noise(sample_rate=args.sample_rate, num_steps=args.steps, target_epsilon=args.epsilon,
                                 delta=args.delta, accountant=args.accountant)
@@ -95,8 +98,8 @@ def cmd_sigma(args) -> int:
                                f"gives epsilon = {epsilon:.4f} <= {args.epsilon:g} {_guarantee(values)}")
 
 
-def _fail(err: Exception) -> int:
-    print(f"dpcompress: {err}", file=sys.stderr)  # a ConfigError lists each bad key on its own line
+def _fail(err: Exception | str, prefix: str = "dpcompress: ") -> int:
+    print(f"{prefix}{err}", file=sys.stderr)
     return 2
 
 
@@ -105,6 +108,7 @@ def plan_values(cfg, num_train: int) -> dict:
     study's stages will use (flows.plan.plan_study), each stage's epsilon cumulative in run order (scope "study") or
     along its own line, teacher first (scope "line"); `epsilon` is the study's total or the largest line's."""
     from flows.plan import cumulative_epsilons, model_lines, plan_study, stage_plans
+    from privacy.accounting import compose_epsilon
 
     budget = cfg.privacy
     budgets = plan_study(cfg, num_train)
@@ -141,16 +145,14 @@ def format_plan(values: dict) -> str:
 
 
 def cmd_plan(args) -> int:
-    from compression.data import load_task
-    from flows.config import load_config
+    """The config, its data and the budget pass pre-flight (one line per problem, exit 2), then the plan, computed
+    under pre-flight's time limit."""
+    from flows.preflight import preflight
 
-    try:
-        cfg = load_config(args.config, args.set, glue_dir=args.glue_dir)
-        _, train, _ = load_task(cfg.data)
-        values = plan_values(cfg, len(train))
-    except (ValueError, OSError) as err:  # ConfigError, BudgetError, unknown fixed_noise stage, missing data
-        return _fail(err)
-    print(json.dumps(values, sort_keys=True) if args.json else format_plan(values))
+    checked = preflight(args.config, args.set, glue_dir=args.glue_dir, for_run=False, plan=plan_values)
+    if checked.problems:
+        return _fail("\n".join(f"dpcompress: {line}" for line in checked.problems), prefix="")
+    print(json.dumps(checked.plan, sort_keys=True) if args.json else format_plan(checked.plan))
     return 0
 
 
@@ -158,6 +160,8 @@ def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
     """The dataset ledger's spent `rows` as plain values: each release's epsilon alone (at its own delta and
     accountant; None for a non-private one) and, per dataset, its private releases composed at the largest delta
     recorded, with `accountant` (default: that of the dataset's latest private release)."""
+    from privacy.accounting import compose_epsilon
+
     releases, by_dataset = [], {}
     for row in rows:
         event = row.event

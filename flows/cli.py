@@ -7,9 +7,13 @@ import os
 import sys
 import warnings
 
+from flows import runlog
 from flows.budget_cli import add_budget_parser
-from flows.config import GLUE_DIR_ENV, ConfigError, load_config
+from flows.config_file import GLUE_DIR_ENV, ConfigError
+from flows.preflight import preflight
+from flows.server import ServerError, prefect_api
 from flows.tables import format_table
+from tasks.lock import StudyLockedError
 
 
 def _quiet_libraries() -> None:
@@ -20,28 +24,62 @@ def _quiet_libraries() -> None:
     import opacus.utils.module_utils  # noqa: F401  (calls logging.basicConfig on import)
     import transformers
 
-    logging.getLogger().handlers.clear()  # let Prefect format the run's log lines
+    logging.getLogger().handlers.clear()  # flows.runlog routes the run's log lines
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
-def cmd_run(args) -> int:
-    try:
-        cfg = load_config(args.config, args.set, glue_dir=args.glue_dir)
-    except (ConfigError, ValueError) as err:
-        print(f"dpcompress: {err}", file=sys.stderr)
-        return 2
-    _quiet_libraries()
-    from flows.study import study
+def _problems(lines: list[str]) -> int:
+    for line in lines:
+        print(f"dpcompress: {line}", file=sys.stderr)
+    return 2
 
-    print(f"study {cfg.name!r}: output in {cfg.study_dir}, tracking at {cfg.tracking_uri()}")
-    rows = study(config_path=str(args.config), overrides=args.set, glue_dir=args.glue_dir)
+
+def cmd_run(args) -> int:
+    """Pre-flight (exit 2 with one line per problem), then the study flow (exit 1 with the failed stage, its cause,
+    the log file and the command that resumes; 130 on Ctrl-C), then the results table."""
+    checked = preflight(args.config, args.set, glue_dir=args.glue_dir, for_run=True)
+    if checked.problems:
+        return _problems(checked.problems)
+    cfg = checked.config
+    _quiet_libraries()
+    from flows.study import study  # imports Prefect and MLflow, which set up their logging: route it after
+
+    log_path = runlog.new_log_path(cfg.study_dir)
+    print(f"study {cfg.name!r}: output in {cfg.study_dir}, tracking at {cfg.tracking_uri()}, log in {log_path}")
+    with runlog.routed(log_path) as log_file:
+        try:
+            with prefect_api(log_file):
+                rows = study(config_path=str(args.config), overrides=args.set, glue_dir=args.glue_dir)
+        except KeyboardInterrupt:
+            print(f"dpcompress: interrupted; finished stages are kept (log: {log_path}); resume with: "
+                  f"{_resume(args)}", file=sys.stderr)
+            return 130
+        except Exception as err:  # (any failure after start: summarised, its traceback in the log)
+            return _failed(err, log_path, args)
     print()
     print(format_table(rows))
     footer = cfg.study_dir / "results" / "footer.txt"
     budget = "per model line" if cfg.privacy.scope == "line" else "for the whole study"
     print(f"\n{footer.read_text() if footer.exists() else ''} Budget: epsilon={cfg.privacy.epsilon:g} {budget}.")
     return 0
+
+
+def _resume(args) -> str:
+    return runlog.resume_command(args.config, args.set, args.glue_dir)
+
+
+def _failed(err: Exception, log_path, args) -> int:
+    """A run that failed after it started: the stage and the one-line cause, the log file with the traceback, and the
+    command that resumes."""
+    if isinstance(err, ServerError | StudyLockedError):  # one line that says what to do: no stage, nothing to resume
+        print(f"dpcompress: {err}", file=sys.stderr)
+        return 1
+    logging.getLogger("dpcompress.run").error("the study failed", exc_info=err)
+    print(f"dpcompress: {runlog.failed_stage(err)} failed: {runlog.one_line(err)}\n"
+          f"dpcompress: full traceback in {log_path}\n"
+          f"dpcompress: to resume (finished stages are reused): {_resume(args)}", file=sys.stderr)
+    return 1
 
 
 def cmd_report(args) -> int:
@@ -51,6 +89,8 @@ def cmd_report(args) -> int:
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if args.config:
+        from flows.config import load_config
+
         try:
             uri = uri or load_config(args.config).tracking_uri()
         except (ConfigError, ValueError) as err:
@@ -85,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     report.set_defaults(func=cmd_report)
     add_budget_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # before a run starts (pre-flight, planning): nothing to resume
+        print("dpcompress: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ Every private stage has the same shape: a fine-tuning `method` (compression.meth
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from compression.data import DataConfig
@@ -22,14 +27,15 @@ from compression.pruning.masks import PruneSchedule
 from compression.pruning.public_distill import PublicDistillConfig
 from compression.pruning.structured import StructuredConfig
 from compression.train import TrainConfig
-from flows.renamed import renamed_keys
+from flows.config_file import GLUE_DIR_ENV, ConfigError, read_config
 from privacy.config import BudgetConfig
 
-GLUE_DIR_ENV = "DPCOMPRESS_GLUE_DIR"
+__all__ = ["GLUE_DIR_ENV", "ConfigError", "StudyConfig", "load_config", "read_config", "study_key", "validate_config"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan reaches the libraries' nested dataclasses too: .inf and .nan are refused everywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StageSection(_Section):
@@ -153,70 +159,106 @@ class StudyConfig(_Section):
         return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.study_dir / 'mlflow.db'}"
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names each bad key."""
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set needs KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: {part!r} is not a section")
-        node[path[-1]] = value
-    return raw
+def study_key(cfg: StudyConfig) -> str:
+    """The study's identity (a digest of its whole config): its MLflow parent run and its dataset-ledger entries."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | None = None) -> StudyConfig:
-    """Read, override and validate a study config. A local GLUE folder may come from `glue_dir` or
-    $DPCOMPRESS_GLUE_DIR."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides))
-    if moved := renamed_keys(raw):
-        raise ConfigError(f"{path}: keys of an older dpcompress\n" + "\n".join(f"  {line}" for line in moved))
-    glue_dir = glue_dir or os.environ.get(GLUE_DIR_ENV)
-    if glue_dir and isinstance(raw.get("data"), dict) and not raw["data"].get("dir"):
-        raw["data"]["dir"] = str(Path(glue_dir).resolve())
-    calibration = raw.get("prune", {}).get("calibration") if isinstance(raw.get("prune"), dict) else None
-    for source in [calibration] if isinstance(calibration, dict) else calibration or []:
-        if glue_dir and isinstance(source, dict) and not source.get("dir"):
-            source["dir"] = str(Path(glue_dir).resolve())
+    """Read, override and validate a study config. A local GLUE folder may come from `glue_dir` or $DPCOMPRESS_GLUE_DIR.
+    ConfigError with one line per problem, each naming the file and the key."""
+    return validate_config(read_config(path, overrides, glue_dir=glue_dir), path)
+
+
+def validate_config(raw: dict, path: str | Path) -> StudyConfig:
+    """The typed config of the mapping `raw` (read from `path`); ConfigError listing every bad key at once, with the
+    top-level sections at fault (`ConfigError.bad_sections`)."""
+    problems = numbers_given_as_booleans(raw)
     try:
-        return StudyConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"{path}: invalid config\n{format_errors(err)}") from None
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as err:  # a section's own check failing on a boolean read as 1 is the same problem
+        problems += [(e["loc"], _message(e)) for e in err.errors()
+                     if not any(loc[:len(e["loc"])] == e["loc"] for loc, _ in problems)]
+        cfg = None
+    if problems:
+        bad = {str(loc[0]) if loc else "" for loc, _ in problems}
+        lines = [f"{path}: {'.'.join(str(p) for p in loc)}: {msg}" if loc else f"{path}: {msg}"
+                 for loc, msg in problems]
+        raise ConfigError(lines, bad_sections=bad)
+    return cfg
 
 
-def format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            msg = f"unknown key; allowed here: {', '.join(_allowed_keys(e['loc'][:-1]))}"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+def _message(error: dict) -> str:
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key; allowed here: {', '.join(sorted(_field_types(_type_at(error['loc'][:-1]))))}"
+    message = error["msg"].removeprefix("Value error, ")
+    shown = not isinstance(error.get("input"), (dict, list)) and "got" not in message
+    return f"{message}, got {error.get('input')!r}" if shown else message
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+def numbers_given_as_booleans(raw: dict) -> list[tuple[tuple, str]]:
+    """(key path, message) for every boolean (YAML true/false, yes/no, on/off) where the config expects a number:
+    pydantic would read it as 1 or 0 (`data.max_train_examples: true` would train on one example)."""
+    return _booleans(raw, [StudyConfig], ())
+
+
+def _booleans(node: Any, types: list, loc: tuple) -> list[tuple[tuple, str]]:
+    if isinstance(node, bool):
+        members = {m for t in types for m in _members(t)}
+        if members & {int, float} and bool not in members:
+            return [(loc, f"expected a number, got the boolean {str(node).lower()}")]
+        return []
+    if isinstance(node, dict) and types and all(get_origin(m) in (list, tuple) or m is type(None)
+                                                for t in types for m in _members(t)):
+        node = [node]  # one section given where a list of them is expected (prune.calibration)
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    return [found for key, child in children for found in _booleans(child, _below(types, key), (*loc, key))]
+
+
+def _members(annotation) -> list:
+    """The alternatives of a type: Union and Optional members, Annotated unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for arg in get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _below(annotations: list, key) -> list:
+    """The types one key (or list index) down from any of `annotations`."""
+    found = []
+    for member in (m for a in annotations for m in _members(a)):
+        origin, args = get_origin(member), get_args(member)
+        if origin in (list, tuple) and args:
+            found.append(args[0])
+        elif origin is dict and len(args) == 2:
+            found.append(args[1])
+        elif key in (fields := _field_types(member)):
+            found.append(fields[key])
+    return found
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    """Field name -> resolved type, of a pydantic model or a dataclass ({} for anything else)."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return {name: field.annotation for name, field in cls.model_fields.items()}
+    if dataclasses.is_dataclass(cls):
+        return typing.get_type_hints(cls)
+    return {}
+
+
+def _type_at(loc: tuple):
+    """The type of the section at `loc` (a pydantic error location; a union member's tag picks that member)."""
     node: Any = StudyConfig
     for part in loc:
-        fields = getattr(node, "model_fields", None) or getattr(node, "__dataclass_fields__", {})
-        field = fields.get(part)
-        node = getattr(field, "annotation", None) or getattr(field, "type", None)
-    fields = getattr(node, "model_fields", None) or getattr(node, "__dataclass_fields__", {})
-    return sorted(fields)
+        fields = _field_types(node)
+        if part in fields:
+            node = fields[part]
+        else:  # a tagged union member, e.g. `method.full`
+            node = next((m for m in _members(node) if getattr(m, "name", None) == part
+                         or _field_types(m).get("name") == Literal[part]), node)
+        options = [m for m in _members(node) if _field_types(m)]
+        node = options[0] if len(options) == 1 else node
+    return node

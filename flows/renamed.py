@@ -1,10 +1,7 @@
 """Config keys of earlier dpcompress versions, and where each went: an old key fails with one line naming the new."""
 from __future__ import annotations
 
-from compression.train import TrainConfig
-
 STAGE_SECTIONS = ("teacher", "nonprivate", "prune", "structured", "distill")
-_TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
 # (section path, old key) -> the new key, or a sentence
 _MOVED = {
     ("privacy", "teacher_share"): "privacy.shares.teacher",
@@ -34,6 +31,9 @@ def _get(raw: dict, path: str):
 
 def renamed_keys(raw: dict) -> list[str]:
     """One line per key (or value) of an older dpcompress found in `raw`, naming what replaced it."""
+    from compression.train import TrainConfig  # imported here: it takes seconds, and a YAML error needs none of it
+
+    train_fields = frozenset(TrainConfig.__dataclass_fields__)
     lines = [f"{where}.{key}: renamed to {new}" for (where, key), new in _MOVED.items()
              if key in (_get(raw, where) or {})]
     lines += [f"{where}.{key}: {old!r} is now {new!r}" for (where, key, old), new in _VALUES.items()
@@ -45,7 +45,7 @@ def renamed_keys(raw: dict) -> list[str]:
             if key in train:
                 lines.append(f"{section}.train.{key}: replaced by {section}.method, e.g. {{name: full, layers: 1}} "
                              "or {name: bias_norm, layers: all}")
-        lines += [f"{section}.{key}: moved to {section}.train.{key}" for key in sorted(_TRAIN_FIELDS & set(node))]
+        lines += [f"{section}.{key}: moved to {section}.train.{key}" for key in sorted(train_fields & set(node))]
         if train.get("engine") == "bk":
             lines.append(f"{section}.train.engine: 'bk' is now 'bookkeeping'")
     return lines

@@ -3,12 +3,10 @@ rounds, distilled students), each starting from the teacher -> evaluate every mo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 from prefect import flow
 
-from flows.config import StudyConfig, load_config
+from flows.config import StudyConfig, load_config, study_key
 from flows.kinds import Run, run_lines
 from flows.plan import model_lines, stage_plans
 from tasks.budget import plan_privacy, release_budget, reserve_budget
@@ -18,10 +16,6 @@ from tasks.lock import study_lock
 from tasks.refs import RunContext
 from tasks.registry import register_final
 from tasks.teacher import train_nonprivate, train_teacher
-
-
-def study_key(cfg: StudyConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @flow(name="dpcompress-study", log_prints=True)

@@ -9,11 +9,14 @@ Gaussian noise of std `noise_multiplier * max_grad_norm` to a sum of per-example
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,6 +177,7 @@ def _prv_epsilon(history: History, delta: float) -> float:
         if wanted >= eps_error:
             break
         eps_error = wanted
+        _check_deadline()  # each pass can take seconds
         accountant = PRVAccountant()
         accountant.history = list(history)
         with np.errstate(all="ignore"):
@@ -182,6 +186,7 @@ def _prv_epsilon(history: History, delta: float) -> float:
         if eps_error <= max(PRV_ACCEPT_EPS_ERROR * estimate, eps_error_floor):
             break
     if eps_error > PRV_ACCEPT_EPS_ERROR * estimate:
+        _check_deadline()
         refined = _pld_epsilon(history, delta, scale=max(estimate, epsilon / 2))
         log.debug("PRV eps_error %.3g is over 1%% of %.6g; PLD gives %.6g", eps_error, estimate, refined)
         epsilon = min(epsilon, refined)
@@ -210,12 +215,43 @@ def compose_epsilon(events: Sequence[DPEvent], *, delta: float, accountant: str 
     _check_delta(delta)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; known: {sorted(ACCOUNTANTS)}")
-    history = [(e.noise_multiplier, e.sample_rate, e.num_steps) for e in events if not e.is_free]
-    if not history:
-        return 0.0
+    history = tuple((e.noise_multiplier, e.sample_rate, e.num_steps) for e in events if not e.is_free)
+    return _composed(history, delta, accountant) if history else 0.0
+
+
+@functools.lru_cache(maxsize=8192)
+def _composed(history: tuple, delta: float, accountant: str) -> float:
+    """Memoised (the accountants are deterministic): a plan calibrated twice in one process, as `dpcompress run` does
+    (pre-flight, then the flow), pays once. Raises AccountingTimeout past a `time_limit`."""
+    _check_deadline()
     with warnings.catch_warnings():  # Opacus' "optimal order is the largest alpha" on RDP bounds
         warnings.simplefilter("ignore", UserWarning)
-        return ACCOUNTANTS[accountant](history, delta)
+        return ACCOUNTANTS[accountant](list(history), delta)
+
+
+class AccountingTimeout(TimeoutError):
+    """An epsilon computation would start after the deadline of `time_limit`."""
+
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("accounting_deadline", default=None)
+
+
+def _check_deadline() -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise AccountingTimeout("privacy accounting ran past its time limit")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Within the block, an epsilon computation (`compose_epsilon`, and so `calibrate_noise`) that would start more
+    than `seconds` after entering raises AccountingTimeout: bounds a calibration that would search for minutes (a
+    tiny target epsilon with PRV). One already running finishes; each is bounded (a few seconds, see `_prv_epsilon`)."""
+    token = _DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 
 def calibrate_noise(
@@ -248,8 +284,8 @@ def calibrate_noise(
     prior_epsilon = compose_epsilon(prior, delta=delta, accountant=accountant)
     if prior_epsilon >= target_epsilon:
         raise BudgetError(
-            f"prior spend already has epsilon {prior_epsilon:.3f} (delta={delta:g}, {accountant}), "
-            f">= target {target_epsilon:.3f}; no noise level fits"
+            f"prior spend already has epsilon {prior_epsilon:.4g} (delta={delta:g}, {accountant}), "
+            f">= target {target_epsilon:.4g}; no noise level fits"
         )
 
     history = [(e.noise_multiplier, e.sample_rate, e.num_steps) for e in prior if not e.is_free]
@@ -274,8 +310,8 @@ def calibrate_noise(
     lo, hi = _bracket(fits, guess, step=1 + 4 * tolerance)
     if hi is None:
         raise BudgetError(
-            f"no noise multiplier up to {SIGMA_MAX:g} brings epsilon to {target_epsilon:.3f} "
-            f"(prior epsilon {prior_epsilon:.3f}, delta={delta:g}, {accountant})"
+            f"no noise multiplier up to {SIGMA_MAX:g} brings epsilon to {target_epsilon:.4g} "
+            f"(prior epsilon {prior_epsilon:.4g}, delta={delta:g}, {accountant})"
         )
     sigma = hi if lo is None else _bisect(fits, tolerance, lo, hi)
     log.info("calibrated sigma=%.4f for q=%g, T=%d, target eps=%.3f", sigma, sample_rate, num_steps,

@@ -1,6 +1,7 @@
 """The study's privacy budget: one (epsilon, delta) for everything trained on the private data, and its split."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,8 +42,8 @@ class BudgetConfig:
     dataset_ledger: str | None = None
 
     def __post_init__(self):
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if not 0 < self.epsilon < math.inf:  # also refuses NaN
+            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         for kind, share in self.shares.items():
@@ -53,9 +54,9 @@ class BudgetConfig:
                 raise ValueError(f"fixed_noise[{stage!r}] must be a noise multiplier > 0, got {sigma}")
         if self.reproducible_noise and self.secure_mode:
             raise ValueError("reproducible_noise (seeded test mode) and secure_mode exclude each other")
-        if self.dataset_budget is not None and not self.dataset_budget >= self.epsilon:
-            raise ValueError(f"dataset_budget must be >= epsilon ({self.epsilon}): the study alone spends epsilon, "
-                             f"got {self.dataset_budget}")
+        if self.dataset_budget is not None and not self.epsilon <= self.dataset_budget < math.inf:
+            raise ValueError(f"dataset_budget must be a finite epsilon >= epsilon ({self.epsilon}): the study alone "
+                             f"spends epsilon, got {self.dataset_budget}")
 
     @property
     def lifetime_epsilon(self) -> float:

@@ -83,9 +83,7 @@ class DatasetLedger:
             conn.execute(sa.delete(releases).where(releases.c.dataset == dataset, releases.c.run_id == run_id,
                                                    releases.c.status == RESERVED))
             rows = [r for r in rows if not (r.status == RESERVED and r.run_id == run_id)]
-            cached = {r.stage for r in rows if r.status == SPENT and r.study_key == study_key
-                      and r.mechanism != NONPRIVATE}
-            todo = [(stage, event, mechanism) for stage, event, mechanism in planned if stage not in cached]
+            todo = _not_cached(rows, planned, study_key=study_key)
             if todo:  # a rerun served from the cache adds nothing, whatever was spent since
                 _check_budget(rows, todo, dataset=dataset, study=study, epsilon_budget=epsilon_budget, delta=delta,
                               accountant=accountant)
@@ -96,6 +94,20 @@ class DatasetLedger:
                     mechanism=mechanism, delta=delta, accountant=accountant, now=now)))
         log.info("run %s reserved %s on dataset %s", run_id, [s for s, _, _ in todo], dataset)
         return [stage for stage, _, _ in todo]
+
+    def check(self, *, dataset: str, study: str, study_key: str, planned: Planned, epsilon_budget: float,
+              delta: float, accountant: str = "prv") -> float:
+        """What `reserve` would decide, read-only (nothing reserved, stale reservations only skipped): the dataset's
+        epsilon with the stages of `planned` that are not cached for `study_key`; DatasetBudgetError (naming the
+        studies that spent the budget) if over `epsilon_budget`. A check before a run, not a guarantee: another run
+        may reserve in between."""
+        _check_args(dataset=dataset, epsilon_budget=epsilon_budget, planned=planned)
+        now = store.utc_now()
+        with store.transaction(self._engine, exclusive=False) as conn:
+            rows = [r for r in store.select_rows(conn, releases.c.dataset == dataset)
+                    if not (r.status == RESERVED and store.is_stale(r, now=now, ttl_s=self.reservation_ttl_s))]
+        return _check_budget(rows, _not_cached(rows, planned, study_key=study_key), dataset=dataset, study=study,
+                             epsilon_budget=epsilon_budget, delta=delta, accountant=accountant)
 
     def begin(self, *, dataset: str, study: str, study_key: str, run_id: str, stage: str, event: DPEvent,
               mechanism: str, epsilon_budget: float, delta: float, accountant: str = "prv") -> float:
@@ -207,12 +219,18 @@ def _events(rows: Sequence[Release]) -> list[DPEvent]:
     return [r.event for r in rows if r.event is not None]
 
 
+def _not_cached(rows: Sequence[Release], planned: Planned, *, study_key: str) -> list:
+    """The planned stages not already spent by the same study (those are cache hits: a rerun adds nothing)."""
+    cached = {r.stage for r in rows if r.status == SPENT and r.study_key == study_key and r.mechanism != NONPRIVATE}
+    return [(stage, event, mechanism) for stage, event, mechanism in planned if stage not in cached]
+
+
 def _reserved_row(*, dataset, study, study_key, run_id, stage, event: DPEvent, mechanism, delta, accountant,
                   now: str) -> dict:
-    return dict(dataset=dataset, study=study, study_key=study_key, run_id=run_id, stage=stage, stage_key="",
-                noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, num_steps=event.num_steps,
-                mechanism=mechanism, delta=delta, accountant=accountant, noise="", status=RESERVED,
-                owner=store.owner(), created_at=now)
+    return {"dataset": dataset, "study": study, "study_key": study_key, "run_id": run_id, "stage": stage,
+            "stage_key": "", "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
+            "num_steps": event.num_steps, "mechanism": mechanism, "delta": delta, "accountant": accountant,
+            "noise": "", "status": RESERVED, "owner": store.owner(), "created_at": now}
 
 
 def _check_args(*, dataset: str, epsilon_budget: float, planned: Planned) -> None:

@@ -114,7 +114,7 @@ def _calibrate(plan: StagePlan, target: float, prior: list[DPEvent], delta: floa
         return calibrate_noise(sample_rate=plan.sample_rate, num_steps=plan.num_steps, target_epsilon=target,
                                delta=delta, prior=prior, accountant=accountant)
     except BudgetError as err:
-        raise BudgetError(f"stage '{plan.stage}' (cumulative budget {target:.3f}): {err}") from err
+        raise BudgetError(f"stage '{plan.stage}' (cumulative budget {target:.4g}): {err}") from err
 
 
 SCOPES = ("study", "line")

@@ -17,6 +17,21 @@ class StudyLockedError(RuntimeError):
     """Another process runs this study."""
 
 
+def holder(study_dir: str | Path) -> str | None:
+    """Who holds the lock of `study_dir` now (None: nobody); creates nothing. A probe for pre-flight: the lock the
+    run takes is still what keeps two runs apart."""
+    path = Path(study_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path, "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def study_lock(study_dir: str | Path) -> Iterator[Path]:
     """Hold the lock of `study_dir` (created if missing); StudyLockedError naming the holder if another process has

@@ -189,7 +189,7 @@ def test_calibrate_with_prior_spends_the_rest():
 def test_budget_error_when_prior_already_exceeds():
     prior = [event(0.8, 0.05, 1_000)]
     spent = compose_epsilon(prior, delta=1e-5)
-    with pytest.raises(BudgetError, match=f"{spent:.3f}"):
+    with pytest.raises(BudgetError, match=f"{spent:.4g}"):
         calibrate_noise(sample_rate=0.01, num_steps=100, target_epsilon=1.0, delta=1e-5, prior=prior)
 
 

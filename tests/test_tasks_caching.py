@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from compression.train import TrainConfig
 from tasks import tracking
 from tasks.caching import finished, jsonable, mark_finished
 from tasks.lock import StudyLockedError, study_lock
+from tasks.lock import holder as holder_of
 from tasks.refs import DataRef, ModelRef, sha256_of
 from tasks.serializer import RefSerializer
 
@@ -82,9 +84,11 @@ def test_one_run_of_a_study_at_a_time(tmp_path):
         locked = rf"in use by pid {holder.pid} .*one run of a study at a time"
         with pytest.raises(StudyLockedError, match=locked), study_lock(tmp_path / "study"):
             pass
+        assert holder_of(tmp_path / "study") == f"pid {holder.pid} on {socket.gethostname()}"  # pre-flight's probe
     finally:
         done.set()
         holder.join(30)
+    assert holder_of(tmp_path / "study") is None and holder_of(tmp_path / "elsewhere") is None
     with study_lock(tmp_path / "study"):  # released when its holder ended
         pass
 
