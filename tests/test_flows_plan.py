@@ -23,12 +23,14 @@ def test_default_is_one_chain_with_distill_after_pruning(tmp_path):
         "unstructured": ["prune_1", "prune_2", "distill"]}
 
 
+# The planner's logic is tested with the fast RDP accountant where it calibrates many stages (PRV and PLD: their own
+# tests in test_privacy_accounting.py).
 def test_paper_lines(tmp_path):
     cfg = _cfg(tmp_path, """
 prune: {schedule: {sparsities: [0.5, 0.7, 0.9]}}
 structured: {enabled: true, schedule: {rounds: 2}}
 distill: {after: teacher, inits: [every_other, pretrained, random]}
-privacy: {scope: line}
+privacy: {scope: line, accountant: rdp}
 """)
     got = {k: [(s.name, s.kind) for s in v] for k, v in lines(cfg).items()}
     assert got == {"unstructured": [("prune_1", "prune"), ("prune_2", "prune"), ("prune_3", "prune")],
@@ -36,32 +38,34 @@ privacy: {scope: line}
                    "distill_every_other": [("distill_every_other", "distill")],
                    "distill_pretrained": [("distill_pretrained", "distill")],
                    "distill_random": [("distill_random", "distill")]}
-    cfg = _cfg(tmp_path, "structured: {enabled: true, schedule: {rounds: 1}}\nprivacy: {scope: line}\n"
-                         "distill: {after: teacher}\n")  # three short lines: calibrating takes seconds each
+    cfg = _cfg(tmp_path, "structured: {enabled: true, schedule: {rounds: 1}}\n"
+                         "privacy: {scope: line, accountant: rdp}\ndistill: {after: teacher}\n")
     sigmas = plan_sigmas(cfg, 4000)
     delta = 4000 ** -1.1
     for line in lines(cfg).values():  # each line composes to the budget with the one teacher sigma
         events = [cfg.teacher.train, *[getattr(cfg, s.section).train for s in line]]
         names = ["teacher", *[s.name for s in line]]
-        composed = compose_epsilon([_event(t, sigmas[n]) for t, n in zip(events, names)], delta=delta)
+        composed = compose_epsilon([_event(t, sigmas[n]) for t, n in zip(events, names)], delta=delta,
+                                   accountant="rdp")
         assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
         assert composed <= cfg.privacy.epsilon * (1 + 1e-9)
 
 
 def test_per_target_lines_prune_the_teacher_once_each_with_the_whole_share(tmp_path):
     cfg = _cfg(tmp_path, "prune: {layout: per_target, schedule: {sparsities: [0.5, 0.7]}}\n"
-                         "distill: {enabled: false}\nprivacy: {scope: line}\n")
+                         "distill: {enabled: false}\nprivacy: {scope: line, accountant: rdp}\n")
     got = {k: [(s.name, s.round_index, s.share) for s in v] for k, v in lines(cfg).items()}
     share = cfg.privacy.share("prune")  # each line holds the whole pruning share, not a round's part of it
     assert got == {"unstructured_50": [("prune_1", 1, share)], "unstructured_70": [("prune_2", 2, share)]}
     sigmas = plan_sigmas(cfg, 4000)
     assert sigmas["prune_1"] == pytest.approx(sigmas["prune_2"])  # same training, same remaining budget
     chained = plan_sigmas(_cfg(tmp_path, "prune: {schedule: {sparsities: [0.5, 0.7]}}\n"
-                                         "distill: {enabled: false}\nprivacy: {scope: line}\n"), 4000)
+                                         "distill: {enabled: false}\nprivacy: {scope: line, accountant: rdp}\n"), 4000)
     assert sigmas["prune_1"] < chained["prune_1"]  # a whole share is less noise than half of one
     for line in lines(cfg).values():
         composed = compose_epsilon([_event(cfg.teacher.train, sigmas["teacher"]),
-                                    _event(cfg.prune.train, sigmas[line[0].name])], delta=4000 ** -1.1)
+                                    _event(cfg.prune.train, sigmas[line[0].name])], delta=4000 ** -1.1,
+                                   accountant="rdp")
         assert composed == pytest.approx(cfg.privacy.epsilon, rel=0.01)
     with pytest.raises(ConfigError, match="distill.after: prune needs prune.layout: chain"):
         _cfg(tmp_path, "prune: {layout: per_target}\n")
