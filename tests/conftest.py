@@ -1,17 +1,25 @@
+"""Shared test setup: offline Hugging Face, one torch thread, a session-private DPCOMPRESS_HOME, and the real servers
+(MLflow, Prefect) of the end-to-end tests, started once per session (per worker under pytest-xdist)."""
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The data owner's state (fingerprint key, dataset ledger) of the test session: never the user's ~/.dpcompress.
+os.environ.setdefault("DPCOMPRESS_HOME", tempfile.mkdtemp(prefix="dpcompress-home-"))
 
+import torch
 import transformers
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-
-import torch  # noqa: E402
-
 # The suite runs beside subprocess servers on 2 cores: one intra-op thread avoids oversubscription stalls.
 torch.set_num_threads(1)
 
@@ -25,19 +33,6 @@ def tokenizer(tmp_path_factory):
     vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
     vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
     return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-
-# The data owner's state (fingerprint key, dataset ledger) of the test session: never the user's ~/.dpcompress.
-import tempfile  # noqa: E402
-
-os.environ.setdefault("DPCOMPRESS_HOME", tempfile.mkdtemp(prefix="dpcompress-home-"))
-
-
-# --- real servers for the end-to-end tests, started once per session ------------------------------------------------
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 
 
 def _free_port() -> int:
