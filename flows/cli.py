@@ -11,7 +11,7 @@ from flows import runlog
 from flows.budget_cli import add_budget_parser
 from flows.config_file import GLUE_DIR_ENV, ConfigError
 from flows.preflight import preflight
-from flows.server import ServerError, prefect_api
+from flows.server import ServerError, prefect_api, startup_timeout_problems
 from flows.tables import format_table
 from tasks.lock import StudyLockedError
 
@@ -39,8 +39,8 @@ def cmd_run(args) -> int:
     """Pre-flight (exit 2 with one line per problem), then the study flow (exit 1 with the failed stage, its cause,
     the log file and the command that resumes; 130 on Ctrl-C), then the results table."""
     checked = preflight(args.config, args.set, glue_dir=args.glue_dir, for_run=True)
-    if checked.problems:
-        return _problems(checked.problems)
+    if problems := checked.problems + startup_timeout_problems():  # the latter stops Prefect's import otherwise
+        return _problems(problems)
     cfg = checked.config
     _quiet_libraries()
     from flows.study import study  # imports Prefect and MLflow, which set up their logging: route it after

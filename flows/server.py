@@ -27,6 +27,24 @@ class ServerError(RuntimeError):
     """The temporary server did not start; the message says what to do instead (one line)."""
 
 
+def startup_timeout_problems() -> list[str]:
+    """One line if $PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set but not a whole number of seconds > 0,
+    else none: Prefect reads it as an integer when it is imported, and any other value stops it there with a
+    traceback."""
+    import pydantic
+
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return []
+    try:
+        if pydantic.TypeAdapter(int).validate_python(text) > 0:  # what Prefect accepts: "20", " 20 ", "20.0"
+            return []
+    except pydantic.ValidationError:
+        pass
+    return [(f"${TIMEOUT_ENV}={text!r}: not a whole number of seconds > 0 (Prefect reads it as an integer); set it "
+             f"to one, or unset it for {STARTUP_TIMEOUT_S} s")]
+
+
 @contextlib.contextmanager
 def prefect_api(output: IO[str] | None = None) -> Iterator[str]:
     """The Prefect API to run against: PREFECT_API_URL if set, else a temporary server (its output to `output`),
@@ -45,7 +63,7 @@ def prefect_api(output: IO[str] | None = None) -> Iterator[str]:
     process = subprocess.Popen(_command(port), env=_environment(settings), stdout=output or subprocess.DEVNULL,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_until_healthy(process, url, float(os.environ.get(TIMEOUT_ENV) or STARTUP_TIMEOUT_S))
+        _wait_until_healthy(process, url, float(os.environ.get(TIMEOUT_ENV, STARTUP_TIMEOUT_S)))
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
