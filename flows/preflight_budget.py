@@ -12,7 +12,7 @@ from typing import Any
 from flows.config import StudyConfig, study_key
 from flows.plan import TEACHER, model_lines, stage_plans
 from privacy.accounting import SIGMA_MAX, AccountingTimeout, compose_epsilon, time_limit
-from privacy.ledger import StagePlan
+from privacy.planning import StagePlan
 
 PLAN_TIMEOUT_S = 60.0
 # the quick test (PLD at sigma = SIGMA_MAX: fast where PRV takes seconds, but up to ~5% above it) refuses a budget

@@ -64,8 +64,8 @@ def _run_study(cfg: StudyConfig) -> list[dict]:
         release_budget(account=account)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
-        register_final(models=models, evaluations=evals, scope=cfg.privacy.scope, stage=cfg.tracking.register_stage,
-                       task_name=data.task, tracking_uri=uri,
+        register_final(models=models, evaluations=evals, scope=cfg.privacy.scope,
+                       register_stage=cfg.tracking.register_stage, task_name=data.task, tracking_uri=uri,
                        name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}")
         line_of = {s.name: name for name, stages in model_lines(cfg).items() for s in stages}
         rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},

@@ -17,15 +17,15 @@ TEACHERS = ("teacher", "nonprivate_teacher")
 
 
 def choose_release(models: list[ModelRef], evaluations: list[EvalRef], *, scope: str,
-                   stage: str | None) -> tuple[ModelRef, list[ModelRef] | None]:
-    """(the model to register, the models compared to choose it, or None). `stage` names it up front; else the last
-    one (scope "study": the end of the chain, whose ledger holds the whole study); with several lines (scope "line"),
-    the compressed private model with the best dev metric (higher is better): the choice then depends on every
-    compressed model, so all of them are compared (their union epsilon is its tag)."""
-    if stage is not None:
-        named = [m for m in models if m.stage == stage]
+                   register_stage: str | None) -> tuple[ModelRef, list[ModelRef] | None]:
+    """(the model to register, the models compared to choose it, or None). `register_stage` names it up front; else
+    the last one (scope "study": the end of the chain, whose ledger holds the whole study); with several lines (scope
+    "line"), the compressed private model with the best dev metric (higher is better): the choice then depends on
+    every compressed model, so all of them are compared (their union epsilon is its tag)."""
+    if register_stage is not None:
+        named = [m for m in models if m.stage == register_stage]
         if not named:
-            raise ValueError(f"tracking.register_stage={stage!r} is not a stage of this study; "
+            raise ValueError(f"tracking.register_stage={register_stage!r} is not a stage of this study; "
                              f"stages: {[m.stage for m in models]}")
         return named[0], None
     compressed = [(e.results["metric"], i) for i, (m, e) in enumerate(zip(models, evaluations))
@@ -36,11 +36,11 @@ def choose_release(models: list[ModelRef], evaluations: list[EvalRef], *, scope:
 
 
 @task(name="register_model", **PER_STORE_CACHED)  # once per model and tracking store
-def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope: str, stage: str | None, name: str,
-                   task_name: str, tracking_uri: str) -> str:
+def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope: str, register_stage: str | None,
+                   name: str, task_name: str, tracking_uri: str) -> str:
     """Log the released model (`choose_release`) and register it, tagged with what its epsilon means: with a
     selection, the union of every model compared. Models trained with seeded noise get no epsilon tag."""
-    model, compared = choose_release(models, evaluations, scope=scope, stage=stage)
+    model, compared = choose_release(models, evaluations, scope=scope, register_stage=register_stage)
     net, _ = load_saved(model.path)
     ledgers = [Ledger.load(m.ledger_path) for m in (compared or [model])]
     last = ledgers[-1].entries[-1]

@@ -23,6 +23,8 @@ transformers.utils.logging.disable_progress_bar()
 # The suite runs beside subprocess servers on 2 cores: one intra-op thread avoids oversubscription stalls.
 torch.set_num_threads(1)
 
+pytest_plugins = ["preflight_study"]  # the pre-flight tests' small study and its fixtures
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):

@@ -1,4 +1,5 @@
-"""A small study that passes pre-flight, and ways to break it: shared by the pre-flight tests (tests/test_flows_preflight*.py)."""
+"""A small study that passes pre-flight, and ways to break it: a plugin of the suite (tests/conftest.py) for the
+pre-flight and run-failure tests."""
 from __future__ import annotations
 
 import json

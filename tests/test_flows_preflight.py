@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from preflight_study import SST2_DEV, SST2_TRAIN, Study, no_server, run_cli, study  # noqa: F401 (fixtures)
+from preflight_study import SST2_DEV, SST2_TRAIN, Study, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,14 +66,16 @@ BAD = [
     # the config file
     ("duplicate-key", _config("privacy: {epsilon: 8.0,", "privacy: {epsilon: 1.0, epsilon: 8.0,"),
      ["study.yaml", "privacy.epsilon: duplicate key"]),
-    ("duplicate-section", lambda s: s.add("data: {task: cola}\n") or [], ["study.yaml", "data: duplicate key (lines 3 and 10)"]),
+    ("duplicate-section", lambda s: s.add("data: {task: cola}\n") or [],
+     ["study.yaml", "data: duplicate key (lines 3 and 10)"]),
     ("yaml-syntax", _config("teacher: {train: {epochs: 1, batch_size: 16}}", "teacher: {train: {epochs: 1"),
      ["study.yaml", "line 7", "YAML syntax error"]),
     ("yaml-indent", lambda s: s.add("tracking2:\n  a: 1\n b: 2\n") or [], ["study.yaml", "line 12", "YAML syntax"]),
     ("config-not-utf8", lambda s: s.config.write_bytes(s.config.read_bytes() + "# caf\xe9\n".encode("latin-1")) and [],
      ["study.yaml", "line 10", "not UTF-8"]),
     ("config-missing", lambda s: s.config.unlink() or [], ["config file not found", "study.yaml"]),
-    ("config-top-list", lambda s: s.config.write_text("- a\n- b\n") and [], ["study.yaml", "top level must be a mapping"]),
+    ("config-top-list", lambda s: s.config.write_text("- a\n- b\n") and [],
+     ["study.yaml", "top level must be a mapping"]),
     ("unknown-key", _sets("teacher.train.epocs=3"), ["teacher.train.epocs", "unknown key", "epochs"]),
     ("old-key", _sets("privacy.teacher_share=0.4"), ["privacy.teacher_share", "privacy.shares.teacher"]),
     ("set-without-value", _sets("privacy.epsilon"), ["--set needs KEY=VALUE", "privacy.epsilon"]),
@@ -133,7 +135,8 @@ BAD = [
     ("tracking-unreachable", _sets("tracking.uri=http://127.0.0.1:9"), ["tracking.uri='http://127.0.0.1:9'",
                                                                        "no answer within 3 s"]),
     ("tracking-env-file-store", lambda s: _env("MLFLOW_TRACKING_URI", "{tmp}/mlruns")(s) + _config(
-        'tracking: {uri: "sqlite:///' + str(s.tmp) + '/mlflow/mlflow.db"}', "")(s), ["$MLFLOW_TRACKING_URI=", "file store"]),
+        'tracking: {uri: "sqlite:///' + str(s.tmp) + '/mlflow/mlflow.db"}', "")(s),
+     ["$MLFLOW_TRACKING_URI=", "file store"]),
     ("prefect-unreachable", _env("PREFECT_API_URL", "http://127.0.0.1:9/api"), ["PREFECT_API_URL=", "no answer"]),
     # the budget
     ("delta-too-large", _sets("privacy.delta=0.05"), ["privacy.delta=0.05", ">= 1/n", "n = 32"]),
@@ -213,3 +216,14 @@ def test_a_real_process_reports_every_problem_with_exit_2_within_seconds(study):
     # typing the config imports the libraries (torch, transformers): ~7 s on an idle 2-core machine, 30 s at load 9
     assert time.monotonic() - began < 60
     assert not (study.tmp / "runs").exists() and "Traceback" not in out.stderr
+
+
+def test_a_study_folder_in_use_by_another_run_is_one_line(study, no_server, capsys):
+    from tasks.lock import study_lock
+
+    with study_lock(study.tmp / "runs" / "pf"):  # another open file: flock refuses it even within this process
+        code, lines = run_cli(capsys, "run", str(study.config))
+    assert code == 2 and len(lines) == 1, lines
+    assert "output_dir=" in lines[0] and "is in use by pid" in lines[0] and "one run of a study at a time" in lines[0]
+    code, lines = run_cli(capsys, "budget", "plan", str(study.config))  # planning needs no lock
+    assert code == 0

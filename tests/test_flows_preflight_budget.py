@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from preflight_study import Study, main, no_server, run_cli, study  # noqa: F401 (fixtures)
+from preflight_study import main, run_cli
 
 
 def test_a_plan_past_its_time_limit_is_one_line(study, no_server, capsys, monkeypatch):

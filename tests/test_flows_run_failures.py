@@ -12,14 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import preflight_study
 import pytest
 from preflight_study import run_cli
 
 from flows import runlog, server
 from flows.cli import main
-
-study, no_server = preflight_study.study, preflight_study.no_server  # the fixtures, as this module's own
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| INFO    \| (Flow|Task) run '")  # Prefect's lines on the console
@@ -28,7 +25,7 @@ PROGRESS = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| INFO    \| (Flow|Task) run '")
 def _tasks_module(source: str, name: str = "tasks.fake_stage") -> dict:
     """Functions defined as if in a module under tasks/ (where failed_stage looks for the stage)."""
     namespace = {"__name__": name}
-    exec(source, namespace)  # noqa: S102 (test code)
+    exec(source, namespace)
     return namespace
 
 
