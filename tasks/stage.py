@@ -33,6 +33,8 @@ def reuse(out: Path, stage: str, context: RunContext | None):
     """The reference of a stage that already finished in `out` (outputs verified, caching.finished), logged in the
     current tracking store (its run there, or the same logging replayed into a new store); None to run it."""
     ref = finished(out)
+    if ref is not None:
+        run_logger().info("%s: reusing %s (finished, outputs verified)", stage, out.name)
     if ref is None or context is None:
         return ref
     uri, parent = context.tracking_uri, context.parent_run_id
