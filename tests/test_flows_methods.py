@@ -11,7 +11,7 @@ from compression.export import export_hf
 from compression.methods import merge, prepare
 from compression.models import build_tiny, load_saved, save_classifier
 from compression.train import dp_train
-from flows.config import load_config
+from flows.config import ConfigError, load_config
 from flows.plan import plan_study
 
 NUM_TRAIN = 64
@@ -58,3 +58,16 @@ distill: {{enabled: false}}
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=input_ids, attention_mask=mask).logits,
                                    loaded.eval()(input_ids, mask, torch.zeros_like(input_ids)), rtol=0, atol=1e-5)
+
+
+def test_config_refuses_methods_pruning_cannot_follow(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("data: {task: sst2}\nprune: {method: {name: lora}}\n")
+    with pytest.raises(ConfigError, match="prune.method.*cannot hold pruning masks"):
+        load_config(path)
+    path.write_text("data: {task: sst2}\nteacher: {method: {name: side}}\n")
+    with pytest.raises(ConfigError, match="pruning lines cannot start from"):
+        load_config(path)
+    path.write_text("data: {task: sst2}\nteacher: {method: {name: side}}\nprune: {enabled: false}\n"
+                    "structured: {enabled: false, method: {name: lora, rank: 4}}\ndistill: {after: teacher}\n")
+    assert load_config(path).structured.method.rank == 4
