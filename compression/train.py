@@ -91,7 +91,6 @@ def cache_features(module: torch.nn.Module, features: Callable, data: dict, *, c
     return out
 
 
-
 def make_optimizer(model: TextClassifier, config: TrainConfig) -> torch.optim.Optimizer:
     head = [p for p in model.head.parameters() if p.requires_grad]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
