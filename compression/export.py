@@ -102,7 +102,8 @@ class DPCompressForSequenceClassification(PreTrainedModel):
             return hidden[torch.arange(len(hidden), device=hidden.device), last]
         return hidden[:, 0]
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+    def _inputs(self, input_ids, attention_mask, token_type_ids, kwargs):
+        """The padding mask and the base model's keyword arguments (explicit position ids)."""
         kwargs.pop("return_dict", None)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if self.config.position_offset is None:
@@ -111,9 +112,15 @@ class DPCompressForSequenceClassification(PreTrainedModel):
             positions = mask.long().cumsum(1) * mask.long() + self.config.position_offset
         if self.config.token_types and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                              **kwargs).last_hidden_state
-        logits = self.classifier(self.dropout(self._pool(hidden, mask)))
+        return mask, dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        mask, inputs = self._inputs(input_ids, attention_mask, token_type_ids, kwargs)
+        hidden = self.encoder(**inputs).last_hidden_state
+        return self._output(self._pool(hidden, mask), labels)
+
+    def _output(self, pooled, labels):
+        logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None and self.num_labels == 1:
             loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
@@ -150,9 +157,11 @@ def layer_dims(model) -> tuple[int, list[int], list[int]]:
     return head_dim, heads, widths
 
 
-def export_config(model, *, id2label: dict[int, str] | None = None) -> DPCompressConfig:
+def export_config(model, *, id2label: dict[int, str] | None = None, config_class: type = DPCompressConfig,
+                  model_class: type = DPCompressForSequenceClassification, **fields) -> DPCompressConfig:
     """The exported folder's config: the base model's own config, its family's input conventions (positions, token
-    types), pooling, labels and, for BERT-like families, the actual per-layer shapes."""
+    types), pooling, labels and, for BERT-like families, the actual per-layer shapes; `fields` are `config_class`'s
+    own (the side network's spec of a side model)."""
     family, encoder = model.family, model.encoder.config
     shapes = {}
     if family.structured:
@@ -162,19 +171,29 @@ def export_config(model, *, id2label: dict[int, str] | None = None) -> DPCompres
     labels = {"id2label": names, "label2id": {v: i for i, v in names.items()}} if names else {}
     if labels and len(labels["id2label"]) != model.num_labels:
         raise ValueError(f"id2label has {len(id2label)} entries, the head has {model.num_labels} outputs")
-    config = DPCompressConfig(
+    config = config_class(
         encoder_config=encoder.to_dict(), layers_path=family.layers_path,
         position_offset=encoder.pad_token_id if family.positions == "after_padding" else None,
         token_types=family.reads_token_types(encoder), pooling=model.pooling, classifier_dropout=model.dropout.p,
-        **shapes, **labels)
+        **shapes, **labels, **fields)
     if not labels:
         config.num_labels = model.num_labels
     config.problem_type = "regression" if model.num_labels == 1 else "single_label_classification"
-    config.architectures = [DPCompressForSequenceClassification.__name__]
+    config.architectures = [model_class.__name__]
     stem = MODELING_FILE.removesuffix(".py")
-    config.auto_map = {"AutoConfig": f"{stem}.{DPCompressConfig.__name__}",
-                       "AutoModelForSequenceClassification": f"{stem}.{DPCompressForSequenceClassification.__name__}"}
+    config.auto_map = {"AutoConfig": f"{stem}.{config_class.__name__}",
+                       "AutoModelForSequenceClassification": f"{stem}.{model_class.__name__}"}
     return config
+
+
+def _portable(model) -> tuple[type, type, str, dict, dict]:
+    """What the folder of `model` holds: (config class, model class, modeling file text, the config class's own
+    fields, weights besides the base model's and the head's)."""
+    if getattr(model, "side", None) is None:
+        return DPCompressConfig, DPCompressForSequenceClassification, modeling_source(), {}, {}
+    from compression import export_side  # its classes extend the two above
+
+    return export_side.portable(model)
 
 
 def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, str] | None = None) -> Path:
@@ -183,18 +202,22 @@ def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, st
     `AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)` gives the same logits
     for right-padded `(input_ids, attention_mask, token_type_ids)`. The folder holds config.json (with `auto_map`
     and the base model's config nested), `modeling_dpcompress.py`, model.safetensors and the tokenizer (if not
-    None). `id2label` (optional) names the outputs. The write is atomic: a crash never leaves a half-written folder.
+    None); a side model (compression.methods.side) is its frozen backbone and its side network
+    (compression.export_side). `id2label` (optional) names the outputs. The write is atomic: a crash never leaves a
+    half-written folder.
     """
     directory = Path(directory)
-    exported = DPCompressForSequenceClassification(export_config(model, id2label=id2label))
+    config_class, model_class, source, fields, extra = _portable(model)
+    exported = model_class(export_config(model, id2label=id2label, config_class=config_class,
+                                         model_class=model_class, **fields))
     state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
-    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
+    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()}, **extra)
     exported.load_state_dict(state, strict=True)  # a shape the config cannot express fails here, not at load time
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     exported.save_pretrained(tmp)
-    (tmp / MODELING_FILE).write_text(modeling_source())
+    (tmp / MODELING_FILE).write_text(source)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)

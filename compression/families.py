@@ -40,6 +40,9 @@ class Family:
         pooling: the default pooling: "mean" for encoders, "last" (the last real token) for decoders.
         structured: the layers have BERT's module names (attention.self.query, intermediate.dense, ...), so heads
             and FFN neurons can be pruned structurally (compression.pruning.structured).
+        roles: `(role, path)` pairs naming a layer's Linear/Conv1D modules by what they do (query, key, value,
+            attention_output, ffn_in, ffn_out), path relative to the layer; several roles may share a module (GPT-2's
+            fused query/key/value). Adapters (compression.methods.lora) find their targets here.
     """
 
     layers_path: str
@@ -51,6 +54,7 @@ class Family:
     final: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor] | None = None
     pooling: str = "mean"
     structured: bool = False
+    roles: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -145,14 +149,21 @@ def _gpt2_embeddings(base, input_ids, token_type_ids, position_ids):
     return base.drop(base.wte(input_ids) + base.wpe(position_ids))  # GPT2Model.forward without its cache
 
 
+_BERT_ROLES = (("query", "attention.self.query"), ("key", "attention.self.key"), ("value", "attention.self.value"),
+               ("attention_output", "attention.output.dense"), ("ffn_in", "intermediate.dense"),
+               ("ffn_out", "output.dense"))
 BERT = Family(layers_path="encoder.layer", num_layers_attr="num_hidden_layers", embeddings=_bert_embeddings,
-              structured=True)
+              structured=True, roles=_BERT_ROLES)
 ROBERTA = Family(layers_path="encoder.layer", num_layers_attr="num_hidden_layers", embeddings=_bert_embeddings,
-                 positions="after_padding", structured=True)
+                 positions="after_padding", structured=True, roles=_BERT_ROLES)
 DISTILBERT = Family(layers_path="transformer.layer", num_layers_attr="n_layers", embeddings=_distilbert_embeddings,
-                    token_types=False)
+                    token_types=False,
+                    roles=(("query", "attention.q_lin"), ("key", "attention.k_lin"), ("value", "attention.v_lin"),
+                           ("attention_output", "attention.out_lin"), ("ffn_in", "ffn.lin1"), ("ffn_out", "ffn.lin2")))
 GPT2 = Family(layers_path="h", num_layers_attr="n_layer", embeddings=_gpt2_embeddings, token_types=False,
-              causal=True, final=lambda base, hidden: base.ln_f(hidden), pooling="last")
+              causal=True, final=lambda base, hidden: base.ln_f(hidden), pooling="last",
+              roles=(("query", "attn.c_attn"), ("key", "attn.c_attn"), ("value", "attn.c_attn"),
+                     ("attention_output", "attn.c_proj"), ("ffn_in", "mlp.c_fc"), ("ffn_out", "mlp.c_proj")))
 
 register_family("bert", BERT)
 register_family(("roberta", "xlm-roberta", "camembert"), ROBERTA)

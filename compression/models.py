@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -111,7 +112,10 @@ class TextClassifier(nn.Module):
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
         """Run layers `start_layer..` on cached hidden states and pool: `[B, H]`."""
-        hidden = self.top(hidden, attention_mask, start_layer=start_layer)
+        return self.pool_states(self.top(hidden, attention_mask, start_layer=start_layer), attention_mask)
+
+    def pool_states(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pool final hidden states `[B, L, H]` into `[B, H]` (mean over real tokens, last real token or first)."""
         if self.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -134,6 +138,16 @@ class TextClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
+
+    def save_parts(self, directory: Path) -> dict:
+        """Write what a subclass adds to the saved folder into `directory`; returns its entries of classifier.json
+        (`kind`, a key of `SAVED_KINDS`, and `parts`, what that loader reads). A plain classifier adds nothing."""
+        return {}
+
+
+# kind -> (classifier with the saved encoder and a fresh head, classifier.json's `parts`, folder) -> the saved model
+# with its own parts loaded (its head is loaded afterwards). Registered by the methods that add parts (side).
+SAVED_KINDS: dict[str, Callable[[TextClassifier, dict, Path], TextClassifier]] = {}
 
 
 def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None = None, dropout: float = 0.1,
@@ -210,6 +224,7 @@ def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> 
     if any(s != {"num_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
            for s in shapes):
         meta["layer_shapes"] = shapes  # structurally pruned: the config's uniform shapes no longer hold
+    meta.update(model.save_parts(tmp))
     (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)  # atomic: a crash never leaves a half-written model behind
@@ -221,6 +236,7 @@ def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
     directory = Path(directory)
     meta = json.loads((directory / _META_FILE).read_text())
     shapes = meta.pop("layer_shapes", None)
+    kind, parts = meta.pop("kind", None), meta.pop("parts", None)
     if shapes is None:
         model = TextClassifier(_encoder(directory), **meta)
     else:  # build from the config, cut to the saved shapes, then load the weights
@@ -231,6 +247,12 @@ def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
             weights.update(load_file(file))
         model.encoder.load_state_dict(weights, strict=True)
         model.encoder.eval()  # as from_pretrained leaves it
+    if kind is not None:
+        import compression.methods  # noqa: F401  (the methods register the kinds they save)
+
+        if kind not in SAVED_KINDS:
+            raise ValueError(f"{directory}: saved model kind {kind!r} is unknown; known: {sorted(SAVED_KINDS)}")
+        model = SAVED_KINDS[kind](model, parts, directory)
     model.head.load_state_dict(torch.load(directory / _HEAD_FILE, weights_only=True))
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
     return model, tokenizer

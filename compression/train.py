@@ -1,9 +1,9 @@
 """DP fine-tuning of a `TextClassifier` on tokenised examples: the training loop.
 
-The stage's fine-tuning method (compression.methods) says what trains; the frozen layers below the first trainable
-one run once per stage and their hidden states are cached (public weights applied to each example: no privacy cost,
-no extra access pattern). Not here: the DP mechanics (privacy.engine), the budget (privacy.ledger), crash-safe
-resumption (compression.resume).
+The stage's fine-tuning method (compression.methods) says what trains and what is frozen (its `StagePlan`); the frozen
+part runs once per stage and its per-example outputs are cached in memory (public weights applied to each example: no
+privacy cost, no extra access pattern; private data all the same, never logged or written). Not here: the DP mechanics
+(privacy.engine), the budget (privacy.ledger), crash-safe resumption (compression.resume).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from compression.data import length_chunks, pad, padded_batches
 from compression.losses import LossFn, task_loss
-from compression.methods import DEFAULT, get_method
+from compression.methods import DEFAULT, get_method, stage_plan
 from compression.models import TextClassifier
 from compression.resume import StageCheckpoints, run_settings
 from privacy.accounting import DPEvent
@@ -77,16 +77,18 @@ class TrainResult:
 
 
 @torch.no_grad()
-def cache_prefix(model: TextClassifier, data: dict, *, num_layers: int, chunk_size: int = 128) -> list[torch.Tensor]:
-    """Hidden states after the first `num_layers` layers, one unpadded `[len_i, H]` tensor per example."""
+def cache_features(module: torch.nn.Module, features: Callable, data: dict, *, chunk_size: int = 128
+                   ) -> list[torch.Tensor]:
+    """`features(input_ids, attention_mask, token_type_ids)` (a `StagePlan`'s) of every example, with `module` in
+    eval mode and no autograd: one unpadded `[len_i, ...]` tensor per example (in memory; private data)."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(data["input_ids"])
-    was_training = model.training
-    model.eval()
+    was_training = module.training
+    module.eval()
     for chunk, input_ids, mask, token_types in padded_batches(data, chunk_size):
-        hidden = model.embed(input_ids, mask, token_types, num_layers=num_layers)
+        hidden = features(input_ids, mask, token_types)
         for row, i in enumerate(chunk.tolist()):
             out[i] = hidden[row, : len(data["input_ids"][i])].clone()
-    model.train(was_training)
+    module.train(was_training)
     return out
 
 
@@ -123,6 +125,8 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, method=D
     Args:
         data: `compression.data.encode` output (unpadded `input_ids`, `token_type_ids`, `labels`).
         method: the fine-tuning method's config (compression.methods): what trains. Default: `full` on the top layer.
+            `model` must be what `compression.methods.prepare(model, method)` returned (adapters, side network); the
+            caller merges afterwards (`compression.methods.merge`).
         event: the stage's DP event as the study's plan accounted it (the one source of sigma, q and steps); its q
             and steps must be what `config` gives for this data. Or `noise_multiplier` alone, the rest from `config`.
         loss_fn: per-example loss `(logits, labels, example_index) -> [B]`; default: the task loss.
@@ -148,15 +152,17 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, method=D
     chosen = get_method(method.name)
     if config.engine not in chosen.engines:
         raise ValueError(f"method {method.name!r} needs engine {' or '.join(chosen.engines)}, got {config.engine!r}")
-    start = chosen.trainable(model, method)
+    if masks and not chosen.masks:
+        raise ValueError(f"method {method.name!r} cannot hold pruning masks (its merge would fill them in)")
+    plan = stage_plan(model, method)
     directory = checkpoint_dir if config.checkpoint_every else None
     settings = None if directory is None else run_settings(
         model, data, masks, config=config, method=method, noise_multiplier=sigma, sample_rate=q, num_steps=steps,
         secure_mode=secure_mode, seeded=noise_seed is not None)
     checkpoints = StageCheckpoints(directory, every=config.checkpoint_every, settings=settings)
-    hidden = cache_prefix(model, data, num_layers=start)
+    hidden = cache_features(plan.module, plan.features, data)
     lengths = torch.tensor([len(h) for h in hidden])
-    private = PrivateModel(model, make_optimizer(model, config), noise_multiplier=sigma,
+    private = PrivateModel(plan.module, make_optimizer(plan.module, config), noise_multiplier=sigma,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                            mode=config.engine, clipping=config.clipping, secure_mode=secure_mode,
                            generator=make_generator(None if noise_seed is None else noise_seed + 1))
@@ -169,13 +175,13 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, method=D
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         resumed_from = checkpoints.restore(model, private, sampler)
-        model.train()
+        plan.module.train()
         try:
             for step, index in enumerate(sampler, start=resumed_from + 1):
                 total = 0.0
                 for chunk in length_chunks(index, lengths, config.physical_batch_size):
                     states, mask = pad([hidden[i] for i in chunk])
-                    logits = model.classify(states, mask, start_layer=start)  # hooks live on the submodules
+                    logits = plan.logits(states, mask)  # hooks live on the submodules
                     losses = loss_fn(logits, labels[chunk], chunk)
                     total += float(losses.detach().sum())
                     private.backward(losses)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from compression.data import DataConfig
 from compression.distill import StudentConfig
 from compression.losses import KDConfig
-from compression.methods import MethodConfig
+from compression.methods import MethodConfig, get_method
 from compression.methods.full import FullConfig
 from compression.models import ModelConfig
 from compression.pruning.masks import PruneSchedule
@@ -64,6 +64,14 @@ class PruneSection(StageSection):
     # after masking (and reconstruction), every weight trains to mimic the DP teacher on the calibration texts: no
     # private data, no privacy cost (post-processing of DP releases); then the DP fine-tuning. None: skipped
     public_distill: PublicDistillConfig | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _method_holds_masks(cls, method):
+        if not get_method(method.name).masks:
+            raise ValueError(f"method {method.name!r} cannot hold pruning masks (its merge would fill them in); "
+                             "pruning rounds train with full, bitfit or bias_norm")
+        return method
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -141,6 +149,13 @@ class StudyConfig(_Section):
                 and self.distill.after == "prune":
             raise ValueError("distill.after: prune needs prune.layout: chain (with per_target there is no single "
                              "pruning line to follow); set distill.after: teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _pruning_starts_from_a_plain_teacher(self) -> StudyConfig:
+        if self.teacher.method.name == "side" and (self.prune.enabled or self.structured.enabled):
+            raise ValueError("teacher.method: side trains a side network beside a frozen backbone, which pruning "
+                             "lines cannot start from; disable prune and structured, or use another method")
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from compression.data import load_encoded
-from compression.methods import get_method
+from compression.methods import merge, prepare
 from compression.models import save_classifier
 from compression.pruning.masks import save_masks
 from compression.train import TrainConfig, dp_train
@@ -63,11 +63,12 @@ def run_dp_stage(*, name: str, budget: StageBudget, model, tokenizer, data: Data
         event = budget.event
         run.params({"train": vars(train), "method": vars(method), "noise_multiplier": event.noise_multiplier,
                     "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
+        model = prepare(model, method)
         dp_train(model, load_encoded(Path(data.path) / "train.pt"), config=train, method=method, event=event,
                  masks=masks, loss_fn=loss_fn, on_step=_progress(name, run, ledger, budget),
                  secure_mode=budget.secure_mode, noise_seed=train.seed if budget.seeded else None,
                  checkpoint_dir=out / "checkpoint")
-        model = get_method(method.name).merge(model, method)
+        model = merge(model, method)
         ledger = _record(name, budget, ledger, data, train.max_grad_norm)
         save_classifier(model, tokenizer, out / "model")
         ledger.save(out / "ledger.json")

@@ -8,6 +8,7 @@ import shutil
 from prefect import task
 
 from compression.data import load_encoded
+from compression.methods import merge, prepare
 from compression.models import ModelConfig, load_classifier, model_fingerprint, save_classifier
 from compression.train import TrainConfig, dp_train
 from privacy import files
@@ -47,9 +48,10 @@ def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, method, t
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
         run.params({"train": vars(train), "method": vars(method), "private": False, "model": vars(model)})
+        net = prepare(net, method)
         dp_train(net, load_encoded(data.train_file), config=train, method=method, noise_multiplier=0.0,
                  checkpoint_dir=out / "checkpoint", on_step=console_progress(stage))
-        save_classifier(net, tokenizer, out / "model")
+        save_classifier(merge(net, method), tokenizer, out / "model")
         record = {"format": "dpcompress.nonprivate/1", "epsilon": "inf", "dataset_fingerprint": data.fingerprint,
                   "note": "trained on the private data WITHOUT differential privacy: a baseline, never release it"}
         files.write_text(out / "ledger.json", json.dumps(record, indent=2))
