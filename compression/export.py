@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class DPCompressConfig(PreTrainedConfig):
     head_dim: int | None = None
     layer_num_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
+    reversible: dict | None = None        # a reversible adapter stack (compression.methods.reversible_export)
 
 
 class DPCompressForSequenceClassification(PreTrainedModel):
@@ -124,10 +126,15 @@ class DPCompressForSequenceClassification(PreTrainedModel):
 
 # --- HF export ---------------------------------------------------------------------------------------------------
 
-def modeling_source() -> str:
-    """The text of the modeling file written into exported folders: imports plus the two classes above."""
-    return "\n\n".join([_MODELING_HEADER] + [inspect.getsource(c) for c in
-                                             (DPCompressConfig, DPCompressForSequenceClassification)])
+PORTABLE_CLASSES = (DPCompressConfig, DPCompressForSequenceClassification)
+# stack kind (TextClassifier.stack) -> (model, config, state) -> (model class, classes of the modeling file): adapts
+# the generic export in place (a fine-tuning method's stack registers one)
+STACK_EXPORTS: dict[str, Callable] = {}
+
+
+def modeling_source(classes: tuple[type, ...] = PORTABLE_CLASSES) -> str:
+    """The text of the modeling file written into exported folders: imports plus `classes` (the two above)."""
+    return "\n\n".join([_MODELING_HEADER] + [inspect.getsource(c) for c in classes])
 
 
 def layer_dims(model) -> tuple[int, list[int], list[int]]:
@@ -186,15 +193,21 @@ def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, st
     None). `id2label` (optional) names the outputs. The write is atomic: a crash never leaves a half-written folder.
     """
     directory = Path(directory)
-    exported = DPCompressForSequenceClassification(export_config(model, id2label=id2label))
+    config, model_class, classes = (export_config(model, id2label=id2label), DPCompressForSequenceClassification,
+                                    PORTABLE_CLASSES)
     state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
+    if model.stack is not None:  # a fine-tuning method's stack (e.g. reversible adapters): its own class
+        import compression.methods  # noqa: F401  (the methods register their stacks' exports)
+
+        model_class, classes = STACK_EXPORTS[model.stack.spec()["kind"]](model, config, state)
+    exported = model_class(config)
     exported.load_state_dict(state, strict=True)  # a shape the config cannot express fails here, not at load time
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     exported.save_pretrained(tmp)
-    (tmp / MODELING_FILE).write_text(modeling_source())
+    (tmp / MODELING_FILE).write_text(modeling_source(classes))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)

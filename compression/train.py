@@ -19,7 +19,7 @@ import torch
 
 from compression.data import length_chunks, pad, padded_batches
 from compression.losses import LossFn, task_loss
-from compression.methods import DEFAULT, get_method
+from compression.methods import DEFAULT, get_method, make_trainable
 from compression.models import TextClassifier
 from compression.resume import StageCheckpoints, run_settings
 from privacy.accounting import DPEvent
@@ -147,7 +147,7 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, method=D
     chosen = get_method(method.name)
     if config.engine not in chosen.engines:
         raise ValueError(f"method {method.name!r} needs engine {' or '.join(chosen.engines)}, got {config.engine!r}")
-    start = chosen.trainable(model, method)
+    start = make_trainable(model, method)
     directory = checkpoint_dir if config.checkpoint_every else None
     settings = None if directory is None else run_settings(
         model, data, masks, config=config, method=method, noise_multiplier=sigma, sample_rate=q, num_steps=steps,

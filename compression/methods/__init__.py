@@ -28,7 +28,8 @@ class Method:
     trainable: `(model, config) -> first layer` sets `requires_grad` on what trains (the head always trains) and
         returns the index of the first encoder layer autograd must run through (the layers below are frozen and
         their outputs are cached once per stage).
-    prepare: `(model, config) -> model` builds the stage's model (e.g. adds adapters); default: the model itself.
+    prepare: `(model, config) -> model` builds the stage's model in place (e.g. adds adapters) and returns it; it
+        keeps what an earlier stage of the same method built. Default: nothing to build.
     merge: `(model, config) -> model` plain weights for saving and export; default: the model itself.
     engines: the DP engine modes whose per-example clipping is exact for the parameters it trains.
     """
@@ -58,9 +59,12 @@ def get_method(name: str) -> Method:
 
 
 def make_trainable(model, config) -> int:
-    """Apply the method `config` names to `model` (`Method.trainable`): returns the first layer autograd runs
-    through."""
-    return get_method(config.name).trainable(model, config)
+    """Apply the method `config` names to `model` in place (`Method.prepare`, then `Method.trainable`): returns the
+    first layer autograd runs through."""
+    method = get_method(config.name)
+    if method.prepare(model, config) is not model:
+        raise ValueError(f"method {config.name!r}: prepare must build the stage's model in place")
+    return method.trainable(model, config)
 
 
 def first_trainable_layer(model, layers: Layers) -> int:
@@ -85,7 +89,7 @@ def train_only(model, *, start: int, select: Callable[[str, Any], bool]) -> int:
     return start
 
 
-from compression.methods import bitfit, full  # noqa: E402, F401  (importing registers the built-in methods)
+from compression.methods import bitfit, full, reversible  # noqa: E402, F401  (importing registers the built-in methods)
 
 # a discriminated union over the registered methods' configs (built from the registry, hence typing.Union)
 MethodConfig = Annotated[Union[tuple(m.config for m in METHODS.values())], Field(discriminator="name")]  # noqa: UP007
