@@ -10,7 +10,9 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,10 +133,29 @@ class DPCompressForSequenceClassification(PreTrainedModel):
 
 # --- HF export ---------------------------------------------------------------------------------------------------
 
-def modeling_source() -> str:
-    """The text of the modeling file written into exported folders: imports plus the two classes above."""
-    return "\n\n".join([_MODELING_HEADER] + [inspect.getsource(c) for c in
-                                             (DPCompressConfig, DPCompressForSequenceClassification)])
+PORTABLE_CLASSES = (DPCompressConfig, DPCompressForSequenceClassification)
+
+
+def modeling_source(classes: tuple[type, ...] = PORTABLE_CLASSES) -> str:
+    """The text of the modeling file written into exported folders: imports plus `classes` (default: the two above;
+    a method's export adds its own, which need no more imports)."""
+    return "\n\n".join([_MODELING_HEADER] + [inspect.getsource(c) for c in classes])
+
+
+class Portable(NamedTuple):
+    """What the exported folder of a model holds: its config and model classes, the modeling file's text, the config
+    class's own fields, and every weight (`state`, the model class's state dict)."""
+
+    config_class: type
+    model_class: type
+    source: str
+    fields: dict
+    state: dict[str, torch.Tensor]
+
+
+# a TextClassifier subclass's `kind` -> (model, the plain classifier's weights: encoder.*, classifier.*) -> Portable.
+# Registered by the methods whose stage model is more than a plain classifier (side, reversible).
+PORTABLE: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], Portable]] = {}
 
 
 def layer_dims(model) -> tuple[int, list[int], list[int]]:
@@ -186,14 +207,17 @@ def export_config(model, *, id2label: dict[int, str] | None = None, config_class
     return config
 
 
-def _portable(model) -> tuple[type, type, str, dict, dict]:
-    """What the folder of `model` holds: (config class, model class, modeling file text, the config class's own
-    fields, weights besides the base model's and the head's)."""
-    if getattr(model, "side", None) is None:
-        return DPCompressConfig, DPCompressForSequenceClassification, modeling_source(), {}, {}
-    from compression import export_side  # its classes extend the two above
+def _portable(model) -> Portable:
+    """What the folder of `model` holds: the two classes above, or those its kind registered in `PORTABLE`."""
+    state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
+    if model.kind is None:
+        return Portable(DPCompressConfig, DPCompressForSequenceClassification, modeling_source(), {}, state)
+    import compression.methods  # noqa: F401  (the methods register their kinds' exports)
 
-    return export_side.portable(model)
+    if model.kind not in PORTABLE:
+        raise ValueError(f"no export for a model of kind {model.kind!r}; known: {sorted(PORTABLE)}")
+    return PORTABLE[model.kind](model, state)
 
 
 def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, str] | None = None) -> Path:
@@ -202,22 +226,22 @@ def export_hf(model, tokenizer, directory: str | Path, *, id2label: dict[int, st
     `AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)` gives the same logits
     for right-padded `(input_ids, attention_mask, token_type_ids)`. The folder holds config.json (with `auto_map`
     and the base model's config nested), `modeling_dpcompress.py`, model.safetensors and the tokenizer (if not
-    None); a side model (compression.methods.side) is its frozen backbone and its side network
-    (compression.export_side). `id2label` (optional) names the outputs. The write is atomic: a crash never leaves a
-    half-written folder.
+    None); a method's model kind adds its own classes and weights (`PORTABLE`: a side model is its frozen backbone
+    and its side network, compression.export_side; a reversible one its adapter stack,
+    compression.methods.reversible_export). `id2label` (optional) names the outputs. The write is atomic: a crash
+    never leaves a half-written folder.
     """
     directory = Path(directory)
-    config_class, model_class, source, fields, extra = _portable(model)
-    exported = model_class(export_config(model, id2label=id2label, config_class=config_class,
-                                         model_class=model_class, **fields))
-    state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
-    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()}, **extra)
-    exported.load_state_dict(state, strict=True)  # a shape the config cannot express fails here, not at load time
+    portable = _portable(model)
+    exported = portable.model_class(export_config(model, id2label=id2label, config_class=portable.config_class,
+                                                  model_class=portable.model_class, **portable.fields))
+    # a shape the config cannot express fails here, not at load time
+    exported.load_state_dict(portable.state, strict=True)
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     exported.save_pretrained(tmp)
-    (tmp / MODELING_FILE).write_text(source)
+    (tmp / MODELING_FILE).write_text(portable.source)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)

@@ -9,7 +9,7 @@ import inspect
 import torch
 from torch import nn
 
-from compression.export import DPCompressConfig, DPCompressForSequenceClassification
+from compression.export import PORTABLE, DPCompressConfig, DPCompressForSequenceClassification, Portable
 from compression.methods.side_network import Gate, LadderSide
 
 _SIDE_HEADER = '''"""A dpcompress side model: a frozen HF base model (its own config nested, built with AutoModel)
@@ -66,8 +66,12 @@ def modeling_source() -> str:
     return "\n\n".join([_SIDE_HEADER] + [inspect.getsource(c) for c in classes])
 
 
-def portable(model) -> tuple[type, type, str, dict, dict[str, torch.Tensor]]:
-    """`compression.export._portable` for a side model: its classes, modeling file, the side spec, the side weights."""
-    extra = {f"side.{k}": v for k, v in model.side.state_dict().items()}
-    return (DPCompressSideConfig, DPCompressSideForSequenceClassification, modeling_source(),
-            {"side": dict(model.side.spec)}, extra)
+def portable(model, state: dict[str, torch.Tensor]) -> Portable:
+    """`compression.export.PORTABLE` for a side model: its classes, modeling file, the side spec, and the plain
+    weights plus the side network's."""
+    return Portable(DPCompressSideConfig, DPCompressSideForSequenceClassification, modeling_source(),
+                    {"side": dict(model.side.spec)},
+                    {**state, **{f"side.{k}": v for k, v in model.side.state_dict().items()}})
+
+
+PORTABLE["side"] = portable

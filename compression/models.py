@@ -64,7 +64,13 @@ class TextClassifier(nn.Module):
 
     Regression tasks use `num_labels=1`. Inputs are right-padded `[B, L]` ids, attention mask and token types; the
     family computes explicit `[B, L]` position ids (Opacus needs per-example shapes, opacus #841).
+
+    A fine-tuning method whose stage model is more than this (a side network, a reversible adapter stack) subclasses
+    it with its own `kind`: the key under which it is saved (`save_parts`, `SAVED_KINDS`) and exported
+    (`compression.export.PORTABLE`).
     """
+
+    kind: str | None = None  # None: a plain classifier
 
     def __init__(self, encoder: PreTrainedModel, *, num_labels: int, pooling: str | None = None,
                  dropout: float = 0.1):
@@ -141,12 +147,14 @@ class TextClassifier(nn.Module):
 
     def save_parts(self, directory: Path) -> dict:
         """Write what a subclass adds to the saved folder into `directory`; returns its entries of classifier.json
-        (`kind`, a key of `SAVED_KINDS`, and `parts`, what that loader reads). A plain classifier adds nothing."""
+        (`kind`, its `self.kind`, a key of `SAVED_KINDS`, and `parts`, what that loader reads). A plain classifier
+        adds nothing."""
         return {}
 
 
 # kind -> (classifier with the saved encoder and a fresh head, classifier.json's `parts`, folder) -> the saved model
-# with its own parts loaded (its head is loaded afterwards). Registered by the methods that add parts (side).
+# with its own parts loaded (its head is loaded afterwards). Registered by the methods that add parts (side,
+# reversible).
 SAVED_KINDS: dict[str, Callable[[TextClassifier, dict, Path], TextClassifier]] = {}
 
 

@@ -1,6 +1,7 @@
-"""A study config whose teacher uses method `lora` or `side` parses, plans, and its teacher stage trains a tiny model
-with the planned DP event (prepare -> dp_train -> merge, as tasks.stage.run_dp_stage does), is saved, evaluated and
-exported to a folder `AutoModelForSequenceClassification` loads. Library calls only: no Prefect, no MLflow."""
+"""A study config whose teacher uses method `lora`, `side` or `reversible` parses, plans, and its teacher stage trains
+a tiny model with the planned DP event (prepare -> dp_train -> merge, as tasks.stage.run_dp_stage does), is saved,
+evaluated and exported to a folder `AutoModelForSequenceClassification` loads. Library calls only: no Prefect, no
+MLflow."""
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -26,7 +27,7 @@ def _data(n, seed):
 
 
 @pytest.mark.parametrize("method", ["{name: lora, rank: 2, targets: [query, value, ffn_out]}",
-                                    "{name: side, reduction: 4}"])
+                                    "{name: side, reduction: 4}", "{name: reversible}"])
 def test_teacher_with_method_plans_trains_evaluates_and_exports(method, tmp_path, tokenizer):
     path = tmp_path / "study.yaml"
     path.write_text(f"""data: {{task: sst2}}
@@ -39,7 +40,7 @@ prune: {{enabled: false}}
 distill: {{enabled: false}}
 """)
     cfg = load_config(path)
-    assert cfg.teacher.method.name == method.split(",")[0].removeprefix("{name: ")
+    assert cfg.teacher.method.name == method.split(",")[0].removeprefix("{name: ").removesuffix("}")
     budget = plan_study(cfg, NUM_TRAIN)["teacher"]
     assert budget.noise_multiplier > 0 and budget.event.num_steps == 8
     model = prepare(build_tiny(seed=0, dropout=0.0, vocab_size=2048), cfg.teacher.method)  # latency: ids < 2000

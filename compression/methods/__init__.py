@@ -141,7 +141,7 @@ def train_only(model, *, start: int, select: Callable[[str, Any], bool]) -> int:
     return start
 
 
-from compression.methods import bitfit, full, lora, side  # noqa: E402, F401  (importing registers the methods)
+from compression.methods import bitfit, full, lora, reversible, side  # noqa: E402, F401  (importing registers them)
 
 # a discriminated union over the registered methods' configs (built from the registry, hence typing.Union)
 MethodConfig = Annotated[Union[tuple(m.config for m in METHODS.values())], Field(discriminator="name")]  # noqa: UP007

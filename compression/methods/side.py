@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from compression import export_side  # noqa: F401  (registers the side model's export)
 from compression.methods import Method, StagePlan, register_method
 from compression.methods.side_init import init_from_backbone, side_spec
 from compression.methods.side_network import LadderSide
@@ -48,6 +49,8 @@ class SideClassifier(TextClassifier):
     Saved by `save_classifier` (the side network as an extra file) and exported by `compression.export.export_hf` (a
     remote-code class that runs the backbone, then the side network)."""
 
+    kind = "side"
+
     def __init__(self, encoder, *, side: LadderSide, num_labels: int, pooling: str | None = None,
                  dropout: float = 0.1):
         super().__init__(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout)
@@ -80,7 +83,7 @@ class SideClassifier(TextClassifier):
 
     def save_parts(self, directory: Path) -> dict:
         torch.save(self.side.state_dict(), directory / _SIDE_FILE)
-        return {"kind": "side", "parts": self.side.spec}
+        return {"kind": self.kind, "parts": self.side.spec}
 
 
 def _load_saved(model: TextClassifier, spec: dict, directory: Path) -> SideClassifier:
