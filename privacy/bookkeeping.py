@@ -1,6 +1,8 @@
 """Book-keeping per-example clipping (Bu et al. 2023): one backward records layer inputs and output gradients, giving
 per-example norms and the clipped sum (no second backward). Assumes batch-first rows whose losses depend on their own
-row only (padding then gets zero gradient), modules of `bk_layers.RULES` called once per forward. No noise here."""
+row only (padding then gets zero gradient), modules of `bk_layers.RULES` called once per forward, and every trainable
+parameter used only through its module's forward (checked after each backward: a bare functional use would escape the
+clipping, opacus #820). No noise here."""
 from __future__ import annotations
 
 import logging
@@ -84,6 +86,11 @@ class BookKeeping:
         self._grams = GramCache()
         self._summed: dict[nn.Parameter, torch.Tensor] = {}
         self._last_norms = torch.zeros(0)
+        self._names = {p: f"{name}.{n}" for name, sub, rule in self._layers for n in rule.params
+                       if (p := trainable_param(sub, n)) is not None}
+        # the layers run with detached parameters: autograd reaching a parameter itself means a use outside them
+        self._direct: set[str] = set()
+        self._direct_hooks = [p.register_hook(partial(self._direct_use, self._names[p])) for p in self.params]
         for _, sub, rule in self._layers:
             sub.forward = partial(self._forward, sub, rule)
         log.debug("book-keeping attached to %d layers, %d parameter tensors", len(self._layers), len(self.params))
@@ -106,9 +113,16 @@ class BookKeeping:
         self._captured.add(id(sub))
         self._captures.append(rule.capture(sub, x, grad, self._grams))
 
+    def _direct_use(self, name: str, grad: torch.Tensor | None) -> None:
+        if grad is not None:  # the taps hand their parameters None: autograd still calls the hook
+            self._direct.add(name)
+
     def backward(self, loss_per_example: torch.Tensor) -> None:
-        """One backward pass for the chunk; clip each example and add the chunk's clipped sum to the logical batch."""
-        self._captures, self._captured = [], set()
+        """One backward pass for the chunk; clip each example and add the chunk's clipped sum to the logical batch.
+
+        Raises RuntimeError, before anything is added, if a trainable parameter was used outside the forward of its
+        module (its gradient would escape the clipping) or has no per-example quantities from this backward."""
+        self._captures, self._captured, self._direct = [], set(), set()
         try:
             if loss_per_example.requires_grad:
                 loss_per_example.sum().backward()
@@ -117,6 +131,8 @@ class BookKeeping:
         captures, self._captures = self._captures, []
         sq_norms = {p: sq for cap in captures for p, sq in cap.sq_norms.items()}
         batch = len(loss_per_example)
+        if batch:
+            self._check_covered(sq_norms)
         total = loss_per_example.new_zeros(batch)
         for p, sq in sq_norms.items():
             if sq.shape != (batch,):  # a [1] norm would silently broadcast one example's norm to the whole chunk
@@ -130,6 +146,19 @@ class BookKeeping:
             for cap in captures:
                 for p, grad in cap.clipped_sums(factors).items():
                     self._summed[p] = self._summed[p] + grad if p in self._summed else grad
+
+    def _check_covered(self, sq_norms: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Every trainable parameter's gradient came through the taps, as per-example quantities."""
+        if self._direct:
+            raise RuntimeError(f"book-keeping: trainable parameter {sorted(self._direct)[0]} was used outside the "
+                               "forward of its module (e.g. a bare torch.nn.functional call): that use's gradient "
+                               "would be neither clipped nor noised per example. Call the module itself, or freeze the "
+                               "parameter")
+        if missing := [name for p, name in self._names.items() if p not in sq_norms]:
+            raise RuntimeError(f"book-keeping: trainable parameter {missing[0]} got no per-example gradient in this "
+                               f"backward ({len(missing)} such): its module did not run on the chunk's examples (a "
+                               "parameter used only through a bare functional call, or not used). Freeze what does "
+                               "not train")
 
     def _clip_factors(self, sq_norms: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         if self.clipping == "per_layer":
@@ -150,4 +179,6 @@ class BookKeeping:
         """Restore the modules' own forwards and drop accumulated state."""
         for _, sub, _ in self._layers:
             sub.__dict__.pop("forward", None)
-        self._summed, self._captures = {}, []
+        for hook in self._direct_hooks:
+            hook.remove()
+        self._summed, self._captures, self._direct_hooks = {}, [], []

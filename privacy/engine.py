@@ -16,7 +16,6 @@ import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 from opacus.optimizers.optimizer import _generate_noise
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from privacy.bookkeeping import BookKeeping
@@ -76,7 +75,10 @@ class PrivateModel:
         mode: how per-example gradients are clipped; all give the same clipped sum. "ghost": Opacus ghost
             clipping (norms from activations and output gradients, then a second backward); "hooks": Opacus
             per-example gradients instantiated for every parameter (memory ~ batch x parameters); "bookkeeping":
-            book-keeping (privacy.bookkeeping), one backward, Linear/Embedding/LayerNorm parameters only.
+            book-keeping (privacy.bookkeeping), one backward, Linear/Embedding/LayerNorm parameters only. Every
+            mode refuses (RuntimeError in `backward`) a trainable parameter whose gradient the per-example machinery
+            did not capture, e.g. one used through a bare torch.nn.functional call (it would escape the clipping,
+            opacus #820).
         clipping: "flat" bounds each example's whole gradient by `max_grad_norm` (C); "per_layer" bounds each of
             the L trainable parameter tensors by C / sqrt(L) (total still <= C). Not with mode="ghost".
         secure_mode: Opacus' secure Gaussian sampling (robust to floating-point attacks on the noise).
@@ -138,6 +140,7 @@ class _OpacusBackend:
     def __init__(self, module, optimizer, *, ghost: bool, noise_multiplier, max_grad_norm, expected_batch_size,
                  clipping, secure_mode, generator):
         self.ghost = ghost
+        self._names = {p: name for name, p in module.named_parameters() if p.requires_grad}
         kwargs = dict(noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
                       loss_reduction="mean", generator=generator, secure_mode=secure_mode)
         if ghost:
@@ -161,10 +164,44 @@ class _OpacusBackend:
             self.optimizer.step()
             self.optimizer.zero_grad()
         if self.ghost:
-            DPTensorFastGradientClipping(self.module, self.optimizer, loss_per_example, "sum").backward()
+            self._ghost_backward(loss_per_example)
         else:
             loss_per_example.sum().backward()
+            if len(loss_per_example):
+                self._check_grad_samples()
         self._pending = True
+
+    def _ghost_backward(self, losses: torch.Tensor) -> None:
+        """Opacus' two passes (as `DPTensorFastGradientClipping.backward`: norms, then the loss reweighted by the
+        clipping coefficients), refusing, between them, a parameter the hooks gave no per-example norm."""
+        params = self.optimizer.params
+        for p in params:  # no stale norms from an earlier chunk
+            if hasattr(p, "_norm_sample"):
+                del p._norm_sample
+        losses.sum().backward(retain_graph=True)
+        if len(losses):
+            _refuse_uncovered([self._names.get(p, "?") for p in params if getattr(p, "_norm_sample", None) is None],
+                              "ghost clipping")
+        self.optimizer.zero_grad()
+        coeff = self.module.get_clipping_coef()
+        self.module.disable_hooks()
+        try:
+            (coeff.to(losses.device) * losses).sum().backward()
+        finally:
+            self.module.enable_hooks()
+
+    def _check_grad_samples(self) -> None:
+        """Every trainable parameter has per-example gradients, and they sum to its ordinary gradient: a use outside
+        the hooked modules (a bare functional call) adds to the latter only."""
+        params = self.optimizer.params
+        _refuse_uncovered([self._names.get(p, "?") for p in params if getattr(p, "grad_sample", None) is None],
+                          "Opacus hooks")
+        pairs = [(p, p.grad, p.grad_sample.sum(0).to(p.grad.dtype)) for p in params if p.grad is not None]
+        # relative to the whole gradient: a parameter whose gradient is rounding noise (a key bias under softmax)
+        # must not trip it
+        scale = math.sqrt(sum(float(g.norm()) ** 2 + float(s.norm()) ** 2 for _, g, s in pairs))
+        _refuse_uncovered([self._names.get(p, "?") for p, g, s in pairs if float((g - s).norm()) > 1e-4 * scale],
+                          "Opacus hooks")
 
     def step(self) -> None:
         if not self._pending:
@@ -190,6 +227,14 @@ class _OpacusBackend:
             for attr in ("summed_grad", "grad_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
+
+
+def _refuse_uncovered(names: list[str], engine: str) -> None:
+    if names:
+        raise RuntimeError(f"{engine}: trainable parameter {names[0]} has no (or incomplete) per-example gradients "
+                           f"from this backward ({len(names)} such): it was used outside the forward of a module "
+                           "the engine hooks (e.g. a bare torch.nn.functional call), or not used; that gradient would "
+                           "escape the per-example clipping. Call the module itself, or freeze the parameter")
 
 
 class _BookKeepingBackend:
