@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -46,6 +47,7 @@ def cmd_run(args) -> int:
     from flows.study import study  # imports Prefect and MLflow, which set up their logging: route it after
 
     log_path = runlog.new_log_path(cfg.study_dir)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, `docker stop`: the same clean exit as Ctrl-C
     print(f"study {cfg.name!r}: output in {cfg.study_dir}, tracking at {cfg.tracking_uri()}, log in {log_path}")
     with runlog.routed(log_path) as log_file:
         try:
@@ -63,6 +65,10 @@ def cmd_run(args) -> int:
     budget = "per model line" if cfg.privacy.scope == "line" else "for the whole study"
     print(f"\n{footer.read_text() if footer.exists() else ''} Budget: epsilon={cfg.privacy.epsilon:g} {budget}.")
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _resume(args) -> str:

@@ -175,8 +175,19 @@ class StudyConfig(_Section):
 
 
 def study_key(cfg: StudyConfig) -> str:
-    """The study's identity (a digest of its whole config): its MLflow parent run and its dataset-ledger entries."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    """The study's identity (a digest of its config): its MLflow parent run and its dataset-ledger entries. Settings
+    that change no result (where it is tracked, how often checkpoints are written) are left out, as from the stages'
+    keys: a stage reused under another tracking store is not charged to the dataset again."""
+    def results_only(value):
+        if isinstance(value, dict):
+            return {k: results_only(v) for k, v in value.items() if k not in _NOT_IN_STUDY_KEY}
+        return [results_only(v) for v in value] if isinstance(value, list) else value
+
+    config = results_only(cfg.model_dump(mode="json"))
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_NOT_IN_STUDY_KEY = frozenset({"tracking", "checkpoint_every"})
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | None = None) -> StudyConfig:

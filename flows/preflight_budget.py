@@ -23,6 +23,9 @@ FEASIBILITY_MARGIN = 1.25
 def check_budget(cfg: StudyConfig, num_train: int) -> list[str]:
     """The quick checks, each a second or less: delta < 1/n, fixed-noise stages that run, the stage to register,
     and whether even the most noise the calibration may choose fits the budget."""
+    if num_train < 2:  # delta must be below 1/n: no mechanism protects a dataset of one
+        return [f"data: {num_train} training example(s) after data.max_train_examples; a private study needs at "
+                "least 2 (and many more to learn anything under differential privacy)"]
     try:
         delta = cfg.privacy.resolve_delta(num_train)
         teacher, lines = stage_plans(cfg, num_train)

@@ -96,7 +96,10 @@ def unwritable(path: Path) -> str | None:
 def check_tracking(uri: str, field: str) -> list[str]:
     """MLflow 3 takes a database or a server: a `file:` or plain-path store is refused (sqlite:///... instead); a
     sqlite file's folder must be writable; an http(s) server must answer within REACH_TIMEOUT_S."""
-    scheme = urlsplit(uri).scheme
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
+    if uri.split(":")[0] in ("databricks", "databricks-uc"):  # a hosted store, named without a URL
+        return []
     if scheme in ("", "file") or len(scheme) == 1:  # a path (one letter: a Windows drive)
         path = Path(uri.removeprefix("file://")).expanduser().absolute()
         return [(f"{field}={uri!r}: a file store, which MLflow 3 refuses; use a database, e.g. "
@@ -112,7 +115,25 @@ def check_tracking(uri: str, field: str) -> list[str]:
     if scheme in ("http", "https"):
         why = unreachable(uri.rstrip("/") + "/health")
         return [f"{field}={uri!r}: {why}; start the tracking server (mlflow server) or fix the URI"] if why else []
+    if scheme in DATABASE_PORTS:  # a database server: its port must accept a connection
+        shown = f"{parts.scheme}://{parts.hostname or 'localhost'}{parts.path}"  # never the password
+        why = closed(parts.hostname or "localhost", parts.port or DATABASE_PORTS[scheme])
+        return [f"{field}={shown!r}: {why}; start the database or fix the URI"] if why else []
     return []
+
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def closed(host: str, port: int, timeout_s: float = REACH_TIMEOUT_S) -> str | None:
+    """Why nothing accepted a TCP connection to host:port within `timeout_s` (one try); None if something did."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"no connection to {host}:{port} within {timeout_s:g} s ({err.strerror or err})"
+    return None
 
 
 def check_prefect_api(url: str | None) -> list[str]:

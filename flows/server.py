@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def prefect_api(output: IO[str] | None = None) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     process = subprocess.Popen(_command(port), env=_environment(settings), stdout=output or subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         _wait_until_healthy(process, url, float(os.environ.get(TIMEOUT_ENV, STARTUP_TIMEOUT_S)))
         with temporary_settings({PREFECT_API_URL: url}):
@@ -98,6 +99,15 @@ def _command(port: int) -> list[str]:
 def _environment(settings) -> dict[str, str]:
     return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
             **settings.to_environment_variables(exclude_unset=True)}
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it starts: ask Linux to SIGTERM it when its parent dies (a `kill -9` of
+    `dpcompress run` would otherwise orphan it, since it runs in a session of its own). Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ from tasks.registry import register_final
 from tasks.teacher import train_nonprivate, train_teacher
 
 
-@flow(name="dpcompress-study", log_prints=True)
+@flow(name="dpcompress-study", log_prints=True, persist_result=False)
 def study(config_path: str, overrides: list[str] | None = None, glue_dir: str | None = None) -> list[dict]:
     """Run (or resume) the study in `config_path`; returns one summary row per model.
 

@@ -57,10 +57,17 @@ def fsync_directory(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Content hash of a file, or of a folder (relative names and bytes of every file, in sorted order)."""
+def sha256_of(path: str | os.PathLike, key: bytes | None = None) -> str:
+    """Content hash of a file, or of a folder (relative names and bytes of every file, in sorted order). With `key`:
+    keyed (HMAC-SHA256, privacy.fingerprint), for files derived from private data whose plain hash would let anyone
+    who can rebuild the file from a guess test that guess."""
     path = Path(path)
-    digest = hashlib.sha256()
+    if key is None:
+        digest = hashlib.sha256()
+    else:
+        from privacy.fingerprint import KeyedDigest
+
+        digest = KeyedDigest(key, "dpcompress.file/1")
     found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in found:
         digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())

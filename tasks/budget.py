@@ -1,6 +1,6 @@
-"""Prefect tasks for the budget: calibrate every private stage's noise against the study budget (cached: PRV takes
-seconds), and reserve / release the study's releases in the persistent dataset ledger (one lifetime budget per
-dataset, across studies)."""
+"""Prefect tasks for the budget: calibrate every private stage's noise against the study budget (memoised in the
+process: PRV takes seconds, and pre-flight has planned the same study already), and reserve / release the study's
+releases in the persistent dataset ledger (one lifetime budget per dataset, across studies)."""
 from __future__ import annotations
 
 import uuid
@@ -10,12 +10,12 @@ from prefect import task
 from privacy.config import BudgetConfig, StageBudget
 from privacy.dataset_ledger import DatasetLedger, default_ledger_url
 from privacy.planning import StagePlan, plan_budgets
-from tasks.caching import PURE_CACHED
+from tasks.caching import NOT_CACHED
 from tasks.console import run_logger
 from tasks.refs import BudgetAccount, DataRef
 
 
-@task(name="plan_privacy", **PURE_CACHED)
+@task(name="plan_privacy", **NOT_CACHED)  # pure and memoised (privacy.accounting)
 def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: BudgetConfig,
                  num_train: int) -> dict[str, StageBudget]:
     """Every private stage's budget (its DP event at the calibrated sigma) so that the study (scope "study") or each
@@ -28,7 +28,7 @@ def plan_privacy(*, teacher: StagePlan, lines: list[list[StagePlan]], budget: Bu
     return budgets
 
 
-@task(name="reserve_budget")
+@task(name="reserve_budget", **NOT_CACHED)
 def reserve_budget(*, data: DataRef, plan: dict[str, StageBudget], budget: BudgetConfig, study: str,
                    study_key: str) -> BudgetAccount:
     """Reserve every planned release of this run against the dataset's lifetime budget, before any private stage
@@ -47,7 +47,7 @@ def reserve_budget(*, data: DataRef, plan: dict[str, StageBudget], budget: Budge
     return account
 
 
-@task(name="release_budget")
+@task(name="release_budget", **NOT_CACHED)
 def release_budget(*, account: BudgetAccount) -> None:
     """Drop this run's reservations that no stage used (stages served from the cache spend nothing)."""
     with DatasetLedger(account.url) as ledger:

@@ -1,8 +1,8 @@
 """Reuse of finished work: every stage writes into a folder named by its inputs (config sections, upstream refs, which
 carry content hashes, and the code version of every library it runs), and a finished stage leaves `done.json`: its
 reference, whose files are verified (present, same digests) before it is reused. A cache hit therefore means the
-outputs exist, verified, where the config says; a deleted or damaged output is recomputed. Prefect's own cache is
-used only for pure computations with no files (the privacy plan) and for the registry (keyed on the store).
+outputs exist, verified, where the config says; a deleted or damaged output is recomputed. Prefect's own cache and
+result storage are not used at all.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 
 from privacy import files
-from tasks.refs import sha256_of
+from privacy.fingerprint import owner_key
+from tasks.refs import DataRef, sha256_of
 from tasks.serializer import RefSerializer
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id", "account", "
 # reference was logged to (a property of the tracking store, not of the model).
 FIELDS_NOT_IN_KEY = frozenset({"checkpoint_every", "run_id"})
 DONE = "done.json"
+RELEASED = "released.json"  # a private stage's outputs saved and charged; its logging may still be missing
 SERIALIZER = RefSerializer()
 
 
@@ -80,29 +82,38 @@ def stage_dir(output_dir: str | Path, stage: str, inputs: dict[str, Any]) -> Pat
     return Path(output_dir) / "stages" / f"{stage}-{inputs_key(stage, inputs)[:12]}"
 
 
-def _digests(ref) -> list[tuple[str, str]]:
-    """(path, sha256) of every file a reference names, as it recorded them."""
+def _digests(ref) -> list[tuple[str, str, bool]]:
+    """(path, digest, keyed) of every file a reference names, as it recorded them; the encoded private data's
+    digests are keyed (a plain hash of them would let anyone who can encode a guess test it)."""
     pairs = [(getattr(ref, name), getattr(ref, f"{stem}sha256"))
              for name, stem in (("path", ""), ("ledger_path", "ledger_"), ("masks_path", "masks_"))
              if getattr(ref, name, None) and getattr(ref, f"{stem}sha256", None)]
-    return pairs + [(path, digest) for path, digest in getattr(ref, "files", {}).items()]
+    keyed = isinstance(ref, DataRef)
+    return [(path, digest, False) for path, digest in pairs] + [
+        (path, digest, keyed) for path, digest in getattr(ref, "files", {}).items()]
 
 
-def finished(out: Path):
-    """The reference a finished stage left in `out`, if every file it names is there with the same digest; else
-    None (never finished, interrupted, or an output deleted or damaged since: the stage runs again)."""
+def finished(out: Path, marker: str = DONE):
+    """The reference a finished stage left in `out` (in `marker`), if every file it names is there with the same
+    digest; else None (never finished, interrupted, or an output deleted or damaged since: the stage runs again)."""
     try:
-        ref = SERIALIZER.loads((out / DONE).read_bytes())
+        ref = SERIALIZER.loads((out / marker).read_bytes())
     except FileNotFoundError:
         return None
     except (ValueError, TypeError, KeyError) as err:
-        log.warning("ignoring %s: %s", out / DONE, err)
+        log.warning("ignoring %s: %s", out / marker, err)
         return None
-    for path, digest in _digests(ref):
-        if not Path(path).exists() or sha256_of(path) != digest:
+    for path, digest, keyed in _digests(ref):
+        if not Path(path).exists() or sha256_of(path, key=owner_key() if keyed else None) != digest:
             log.warning("%s: %s is missing or changed since it was written: the stage runs again", out.name, path)
             return None
     return ref
+
+
+def mark_released(out: Path, ref) -> None:
+    """Record that a private stage's outputs (`ref`'s files) are saved and its release charged: a rerun that finds
+    them intact logs them instead of training (and spending) again."""
+    files.write_bytes(out / RELEASED, SERIALIZER.dumps(ref))
 
 
 def mark_finished(out: Path, ref, logged: dict | None = None) -> None:
@@ -113,23 +124,8 @@ def mark_finished(out: Path, ref, logged: dict | None = None) -> None:
                                                    else ref))
 
 
-@dataclasses.dataclass
-class StageInputs(CachePolicy):
-    """Prefect cache policy for tasks without output files: key = stage name + code version + every parameter
-    (`per_store`: the tracking URI too, for what lives in the tracking store, such as the registry)."""
-
-    per_store: bool = False
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        stage = inputs.get("stage") or task_ctx.task.name
-        excluded = NOT_IN_KEY - {"tracking_uri"} if self.per_store else NOT_IN_KEY
-        return inputs_key(str(stage), {k: v for k, v in inputs.items() if k not in excluded})
-
-
-STAGE_CACHE = StageInputs()
-# How tasks are declared: stages with output folders reuse them themselves (verified), pure computations use Prefect's
-# cache; every result Prefect persists is JSON of the reference types (tasks/serializer.py), never a pickle.
-FOLDER_CACHED = {"cache_policy": NO_CACHE, "persist_result": True, "result_serializer": SERIALIZER}
-PURE_CACHED = {"cache_policy": STAGE_CACHE, "persist_result": True, "result_serializer": SERIALIZER}
-PER_STORE_CACHED = {"cache_policy": StageInputs(per_store=True), "persist_result": True,
-                    "result_serializer": SERIALIZER}
+# How tasks are declared: Prefect neither caches nor stores their results. Stages reuse their folders themselves
+# (done.json, verified), and nothing is ever read back from Prefect's result storage: Prefect picks the serializer
+# of a stored result from the file itself, so a result file someone replaced could run code when read.
+NOT_CACHED = {"cache_policy": NO_CACHE, "persist_result": False}
+FOLDER_CACHED = NOT_CACHED

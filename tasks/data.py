@@ -46,7 +46,7 @@ def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, cont
     files.write_text(out / "data.json", json.dumps(meta, indent=2))
     ref = DataRef(path=str(out), fingerprint=digest, source_fingerprint=source_digest, task=spec.name,
                   metric=spec.metric, num_labels=spec.num_labels, num_train=len(train), num_dev=len(dev),
-                  files={str(out / name): sha256_of(out / name) for name in ("train.pt", "dev.pt", ROWS_FILE)})
+                  files={str(out / name): sha256_of(out / name, key=key) for name in ("train.pt", "dev.pt", ROWS_FILE)})
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
         run.params({"task": spec.name, "source": meta["source"], "max_length": data.max_length,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 from prefect import task
@@ -17,7 +18,7 @@ from compression.report import write_results
 from privacy import files
 from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
-from tasks.caching import FOLDER_CACHED, finished, mark_finished
+from tasks.caching import FOLDER_CACHED, NOT_CACHED, finished, mark_finished
 from tasks.refs import DataRef, EvalRef, ModelRef, sha256_of
 
 
@@ -28,7 +29,10 @@ def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: 
     logged to the model's run. Latency is measured side by side by bench/inference.py, not here."""
     out = Path(model.path).parent / "evaluation"
     done = finished(out)
+    if done is not None and done.model_sha256 != model.sha256:  # of a model since retrained into the same folder
+        done = None
     if done is None:
+        shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier model's evaluation or export survives
         net, tokenizer = load_saved(model.path)
         results = evaluate(net, load_encoded(data.dev_file), metric=data.metric, directory=model.path)
         results.update(epsilon=model.epsilon, delta=model.delta)
@@ -94,12 +98,12 @@ def privacy_footer(*, scope: str, union: float, delta: float, accountant: str, b
             + (" The nonprivate_teacher row (epsilon = inf) is a baseline without any guarantee." if baseline else ""))
 
 
-@task(name="open_study")
+@task(name="open_study", **NOT_CACHED)
 def open_study(*, tracking_uri: str, experiment: str, study_key: str, name: str, config: dict) -> str:
     return tracking.study_run(uri=tracking_uri, experiment=experiment, study_key=study_key, name=name,
                               config=config)
 
 
-@task(name="close_study")
+@task(name="close_study", **NOT_CACHED)
 def close_study(*, tracking_uri: str, run_id: str, rows: list[dict] | None, failed: bool = False) -> None:
     tracking.end_study(uri=tracking_uri, run_id=run_id, failed=failed, table=rows)

@@ -21,7 +21,7 @@ class DataRef:
     num_labels: int
     num_train: int
     num_dev: int
-    files: dict[str, str] = field(default_factory=dict)  # path -> sha256 of the encoded splits
+    files: dict[str, str] = field(default_factory=dict)  # path -> keyed digest (owner key) of the encoded splits
 
     @property
     def train_file(self) -> Path:
@@ -57,6 +57,7 @@ class StatsRef:
     path: str
     sha256: str
     ledger_path: str | None = None
+    ledger_sha256: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

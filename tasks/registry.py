@@ -9,7 +9,7 @@ from prefect import task
 from compression.models import load_saved
 from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
-from tasks.caching import PER_STORE_CACHED
+from tasks.caching import NOT_CACHED
 from tasks.refs import EvalRef, ModelRef
 
 _PACKAGES = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def choose_release(models: list[ModelRef], evaluations: list[EvalRef], *, scope:
     return models[max(compressed)[1]], [models[i] for _, i in compressed]
 
 
-@task(name="register_model", **PER_STORE_CACHED)  # once per model and tracking store
+@task(name="register_model", **NOT_CACHED)
 def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope: str, register_stage: str | None,
                    name: str, task_name: str, tracking_uri: str) -> str:
     """Log the released model (`choose_release`) and register it, tagged with what its epsilon means: with a
@@ -49,6 +49,8 @@ def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope:
     scope_text = (f"union of the {len(ledgers)} models compared to select it" if compared else "its own ledger")
     tags = {**tracking.guarantee_tags(epsilon=epsilon, delta=model.delta, accountant=last.accountant, noise=noise),
             "epsilon_scope": scope_text, "stage": model.stage, "task": task_name, "model_sha256": model.sha256}
+    if version := tracking.registered_version(uri=tracking_uri, name=name, tags=tags):
+        return version  # this store has it already (a rerun): once per model and store, checked in the store itself
     requirements = [f"{p}=={md.version(p)}" for p in ("torch", "transformers")]
     return tracking.register_model(uri=tracking_uri, run_id=model.run_id, model=net, name=name, tags=tags,
                                    pip_requirements=requirements, code_paths=[str(_PACKAGES / "compression")])

@@ -1,5 +1,7 @@
-"""How Prefect persists task results: JSON of the small references tasks return, read back only into the known
-reference types. Never pickle: a result file someone else could write must not be able to run code when read."""
+"""How a stage records its result in its folder (done.json, released.json): JSON of the small references tasks
+return, read back only into the known reference types. Never pickle: a file someone else could write must not be able
+to run code when read. (A Prefect Serializer, so it could serve as a result serializer; dpcompress has Prefect store
+no results at all, see tasks/caching.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +55,7 @@ def _decode(value: Any) -> Any:
 
 
 class RefSerializer(Serializer):
-    """Prefect result serializer: the reference types of tasks/refs.py as JSON (see the module doc)."""
+    """The reference types of tasks/refs.py as JSON (see the module doc)."""
 
     type: Literal["dpcompress-json"] = "dpcompress-json"
 

@@ -24,7 +24,7 @@ from privacy.config import StageBudget
 from privacy.dataset_ledger import DatasetLedger
 from privacy.ledger import Ledger
 from tasks import tracking
-from tasks.caching import finished, mark_finished
+from tasks.caching import RELEASED, finished, mark_finished, mark_released
 from tasks.console import console, run_logger
 from tasks.refs import BudgetAccount, DataRef, ModelRef, RunContext, StatsRef, sha256_of
 
@@ -55,32 +55,39 @@ def run_dp_stage(*, name: str, budget: StageBudget, model, tokenizer, data: Data
                  params: dict | None = None) -> ModelRef:
     """DP-train `model` (stage `name`, its event from `budget`) and release it as `out/model` with its ledger.
     Written in this order, so that a stage killed at any point loses nothing finished: the model and ledger, the
-    dataset ledger's record, the stage's logging, `done.json` (the stage counts as finished from here), and only
-    then the checkpoint goes (a stage killed before `done.json` resumes from its last checkpoint)."""
-    ledger = _check(name, budget, ledger_from, context.account)
+    dataset ledger's record, `released.json` (from here a rerun only logs), the stage's logging, `done.json` (the
+    stage counts as finished), and only then the checkpoint goes (a stage killed before `released.json` resumes
+    from its last checkpoint)."""
+    released = finished(out, RELEASED)
+    ledger = None if released is not None else _check(name, budget, ledger_from, context.account)
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name,
                             stage_key=out.name) as run:
         event = budget.event
         run.params({"train": vars(train), "method": vars(method), "noise_multiplier": event.noise_multiplier,
                     "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
-        model = prepare(model, method)
-        dp_train(model, load_encoded(Path(data.path) / "train.pt"), config=train, method=method, event=event,
-                 masks=masks, loss_fn=loss_fn, on_step=_progress(name, run, ledger, budget),
-                 secure_mode=budget.secure_mode, noise_seed=train.seed if budget.seeded else None,
-                 checkpoint_dir=out / "checkpoint")
-        model = merge(model, method)
-        ledger = _record(name, budget, ledger, data, train.max_grad_norm)
-        save_classifier(model, tokenizer, out / "model")
-        ledger.save(out / "ledger.json")
-        if masks:
-            save_masks(masks, out / "masks.pt")
-        _charge(context.account, name, out, train.max_grad_norm, budget.noise)
-        _log_release(run, ledger, budget, out)
-        ref = ModelRef(stage=name, path=str(out / "model"), sha256=sha256_of(out / "model"),
-                       ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
-                       epsilon=ledger.entries[-1].epsilon_after, delta=budget.delta, run_id=run.run_id,
-                       masks_path=str(out / "masks.pt") if masks else None,
-                       masks_sha256=sha256_of(out / "masks.pt") if masks else None)
+        if released is None:
+            model = prepare(model, method)
+            dp_train(model, load_encoded(Path(data.path) / "train.pt"), config=train, method=method, event=event,
+                     masks=masks, loss_fn=loss_fn, on_step=_progress(name, run, ledger, budget),
+                     secure_mode=budget.secure_mode, noise_seed=train.seed if budget.seeded else None,
+                     checkpoint_dir=out / "checkpoint")
+            model = merge(model, method)
+            ledger = _record(name, budget, ledger, data, train.max_grad_norm)
+            save_classifier(model, tokenizer, out / "model")
+            ledger.save(out / "ledger.json")
+            if masks:
+                save_masks(masks, out / "masks.pt")
+            _charge(context.account, name, out, train.max_grad_norm, budget.noise)
+            released = ModelRef(stage=name, path=str(out / "model"), sha256=sha256_of(out / "model"),
+                                ledger_path=str(out / "ledger.json"), ledger_sha256=sha256_of(out / "ledger.json"),
+                                epsilon=ledger.entries[-1].epsilon_after, delta=budget.delta,
+                                masks_path=str(out / "masks.pt") if masks else None,
+                                masks_sha256=sha256_of(out / "masks.pt") if masks else None)
+            mark_released(out, released)
+        else:
+            run_logger().info("%s: saved and accounted before an interruption; logging it", name)
+        _log_release(run, Ledger.load(released.ledger_path), budget, out)
+        ref = dataclasses.replace(released, run_id=run.run_id)
         mark_finished(out, ref, run.logged)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # holds the noise generator: never outlives the stage
     return ref
@@ -90,25 +97,33 @@ def run_release(*, name: str, budget: StageBudget, release: Callable[[], dict], 
                 ledger_from: ModelRef | StatsRef, context: RunContext) -> StatsRef:
     """One noisy release of statistics of the private data (`release()`, at `budget`'s sigma), saved as
     `out/statistics.pt` with the ledger that records it. A rerun after a later failure reuses the saved release
-    (the same release, accounted once) rather than drawing another."""
+    (the same release, accounted once) rather than drawing another; a saved release that no longer matches its
+    digests is refused (redrawing it would spend again: delete the folder to do that)."""
     saved = out / "statistics.pt"
-    ledger = _check(name, budget, ledger_from, context.account if not saved.exists() else None)
-    if not saved.exists():
+    released = finished(out, RELEASED)
+    if released is None and saved.exists():
+        raise ValueError(f"{saved}: a DP release saved earlier is damaged or incomplete (its files no longer match "
+                         f"{RELEASED}); delete {out} to release again, which spends its epsilon again")
+    if released is None:
+        ledger = _check(name, budget, ledger_from, context.account)
         out.mkdir(parents=True, exist_ok=True)
         statistics = release()
         _charge(context.account, name, out, 1.0, budget.noise)
         files.torch_save(statistics, saved)  # a DP release: safe to keep, and never redrawn
-    ledger = _record(name, budget, ledger, data, 1.0)
-    ledger.save(out / "ledger.json")
+        ledger = _record(name, budget, ledger, data, 1.0)
+        ledger.save(out / "ledger.json")
+        released = StatsRef(stage=name, path=str(saved), sha256=sha256_of(saved), ledger_path=str(out / "ledger.json"),
+                            ledger_sha256=sha256_of(out / "ledger.json"))
+        mark_released(out, released)
+    ledger = Ledger.load(released.ledger_path)
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name,
                             stage_key=out.name) as run:
         run.params({"mechanism": budget.mechanism, "noise_multiplier": budget.noise_multiplier})
         _log_release(run, ledger, budget, out)
-        ref = StatsRef(stage=name, path=str(saved), sha256=sha256_of(saved), ledger_path=str(out / "ledger.json"))
-        mark_finished(out, ref, run.logged)
+        mark_finished(out, released, run.logged)
     run_logger().info("%s: released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,
-                          ledger.entries[-1].epsilon_after)
-    return ref
+                      ledger.entries[-1].epsilon_after)
+    return released
 
 
 def _check(name: str, budget: StageBudget, ledger_from, account: BudgetAccount | None) -> Ledger:

@@ -167,6 +167,18 @@ def register_model(*, uri: str, run_id: str, model, name: str, tags: dict, pip_r
     return str(version.version)
 
 
+def registered_version(*, uri: str, name: str, tags: dict) -> str | None:
+    """The version of registered model `name` in the store at `uri` whose tags are `tags` (the same model with the
+    same guarantee), or None."""
+    wanted = {k: str(v) for k, v in tags.items()}
+    try:
+        versions = client(uri).search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:  # no such registered model yet
+        return None
+    found = [v for v in versions if all(v.tags.get(k) == value for k, value in wanted.items())]
+    return str(max(int(v.version) for v in found)) if found else None
+
+
 def guarantee_tags(*, epsilon: float, delta: float, accountant: str, noise: str) -> dict[str, str]:
     """What a private model's epsilon means, as MLflow tags. Seeded noise (the test mode) gets no epsilon tag: the
     model has no guarantee, and says so."""

@@ -2,6 +2,7 @@
 process and a temporary Prefect server; rerun trains nothing; a failed middle stage resumes from there."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from privacy.files import sha256_of
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 pytestmark = [pytest.mark.slow,
@@ -177,6 +180,8 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     repaired = study(config_path=str(path))
     assert trained.count == 5 and repaired[:3] == rows[:3]  # distill alone trained again
+    evaluated = json.loads((stages["distill"] / "evaluation" / "done.json").read_text())
+    assert json.dumps(evaluated).count(sha256_of(stages["distill"] / "model")) == 1  # the retrained model's, not stale
     shutil.rmtree(stages["prune_2"])
     study(config_path=str(path))
     assert trained.count == 7  # prune_2, and distill after it (its input changed)

@@ -132,6 +132,8 @@ BAD = [
     ("tracking-plain-path", _sets("tracking.uri=mlruns"), ["tracking.uri='mlruns'", "file store"]),
     ("tracking-sqlite-under-file", _sets("tracking.uri=sqlite:////etc/hostname/mlflow.db"),
      ["tracking.uri='sqlite:////etc/hostname/mlflow.db'", "is a file"]),
+    ("tracking-postgres-unreachable", _sets("tracking.uri=postgresql://me:hunter2@127.0.0.1:9/mlflow"),
+     ["tracking.uri='postgresql://127.0.0.1/mlflow'", "no connection to 127.0.0.1:9"]),
     ("tracking-unreachable", _sets("tracking.uri=http://127.0.0.1:9"), ["tracking.uri='http://127.0.0.1:9'",
                                                                        "no answer within 3 s"]),
     ("tracking-env-file-store", lambda s: _env("MLFLOW_TRACKING_URI", "{tmp}/mlruns")(s) + _config(
@@ -139,6 +141,7 @@ BAD = [
      ["$MLFLOW_TRACKING_URI=", "file store"]),
     ("prefect-unreachable", _env("PREFECT_API_URL", "http://127.0.0.1:9/api"), ["PREFECT_API_URL=", "no answer"]),
     # the budget
+    ("one-example", _sets("data.max_train_examples=1"), ["data: 1 training example(s)", "at least 2"]),
     ("delta-too-large", _sets("privacy.delta=0.05"), ["privacy.delta=0.05", ">= 1/n", "n = 32"]),
     ("fixed-noise-unknown-stage", _sets("privacy.fixed_noise.prune_2=1.0"), ["privacy.fixed_noise", "prune_2"]),
     ("fixed-noise-too-small", _sets("privacy.fixed_noise.prune_1=0.2"),
@@ -227,3 +230,11 @@ def test_a_study_folder_in_use_by_another_run_is_one_line(study, no_server, caps
     assert "output_dir=" in lines[0] and "is in use by pid" in lines[0] and "one run of a study at a time" in lines[0]
     code, lines = run_cli(capsys, "budget", "plan", str(study.config))  # planning needs no lock
     assert code == 0
+
+
+def test_a_hosted_tracking_store_named_without_a_url_is_not_a_file_store():
+    from flows.preflight_io import check_tracking
+
+    assert check_tracking("databricks", "tracking.uri") == []
+    assert "file store" in check_tracking("mlruns", "tracking.uri")[0]
+    assert all("hunter2" not in line for line in check_tracking("mysql://u:hunter2@127.0.0.1:9/x", "tracking.uri"))

@@ -236,3 +236,35 @@ def test_ctrl_c_in_a_real_process_exits_130_and_stops_the_temporary_server(study
     assert "resume with: dpcompress run " + str(study.config) in interrupted[0]
     assert "Traceback" not in text + out.read_text()
     assert not survived, "the temporary server survived Ctrl-C"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_temporary_server_dies_with_a_killed_run(tmp_path):
+    """kill -9 (or the OOM killer) on `dpcompress run` gives it no chance to stop its server, which runs in a
+    session of its own: the kernel's parent-death signal does."""
+    out = tmp_path / "stdout.txt"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    code = ("import time\nfrom flows.server import prefect_api\n"
+            "with prefect_api():\n    print('up', flush=True)\n    time.sleep(600)\n")
+    with open(out, "w") as stdout:
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=stdout,
+                                   stderr=subprocess.STDOUT)
+    servers = []
+    try:
+        _wait_for(out, "up", process, timeout_s=300)
+        servers = [pid for pid in _children(process.pid) if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(servers) == 1, _children(process.pid)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 30
+        while not _group_gone(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group_gone(servers[0]), "the temporary server outlived its killed parent"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in servers:
+            if not _group_gone(pid):
+                os.killpg(pid, signal.SIGKILL)

@@ -167,3 +167,141 @@ def test_a_stage_killed_after_finishing_is_not_trained_again(tmp_path, monkeypat
     monkeypatch.setattr(tasks.stage, "dp_train", lambda *a, **kw: calls.append(1))
     ref = train_teacher.fn(**kwargs)
     assert calls == [] and Path(ref.path).exists() and ref.run_id  # reused, logged in this store
+
+
+def test_a_stage_killed_while_logging_its_release_is_logged_not_trained_or_charged_again(tmp_path, monkeypatch,
+                                                                                          stores):
+    """Killed after the release was saved and charged to the dataset ledger but before done.json (while logging to
+    a slow tracking server, say): the rerun finds released.json, logs, and neither trains nor charges again."""
+    import tasks.stage
+    from compression.data import save_encoded
+    from compression.methods.full import FullConfig
+    from compression.models import ModelConfig, build_tiny, save_classifier
+    from privacy.config import StageBudget
+    from privacy.dataset_ledger import DatasetLedger
+    from tasks.refs import BudgetAccount, RunContext
+    from tasks.teacher import train_teacher
+
+    save_classifier(build_tiny(seed=0), None, tmp_path / "base")
+    encoded = {"input_ids": [[2, 5 + i % 7, 3] for i in range(24)], "token_type_ids": [[0, 0, 0]] * 24,
+               "labels": __import__("torch").tensor([i % 2 for i in range(24)])}
+    save_encoded(tmp_path / "data" / "train.pt", encoded)
+    data = DataRef(path=str(tmp_path / "data"), fingerprint="f", source_fingerprint="s", task="sst2",
+                   metric="accuracy", num_labels=2, num_train=24, num_dev=0)
+    train = TrainConfig(epochs=1, batch_size=8, physical_batch_size=8)
+    budget = StageBudget(event=train.event(24, noise_multiplier=1.0), mechanism="dp_sgd", target_epsilon=100.0,
+                         delta=1e-3)
+    uri, url = stores[0], f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    def account(run_id: str) -> BudgetAccount:
+        return BudgetAccount(url=url, dataset="d", study="study", study_key="k", run_id=run_id, epsilon_budget=100.0,
+                             delta=1e-3, accountant="rdp")
+    parent = tracking.study_run(uri=uri, experiment="e", study_key="logging", name="study", config={})
+    kwargs = dict(stage="teacher", budget=budget, data=data, model=ModelConfig(name_or_path=str(tmp_path / "base")),
+                  method=FullConfig(layers=1), train=train, output_dir=str(tmp_path / "out"))
+    monkeypatch.setattr(tasks.stage, "_log_release", lambda *a, **kw: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        train_teacher.fn(**kwargs, context=RunContext(tracking_uri=uri, parent_run_id=parent, account=account("r1")))
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(tasks.stage, "dp_train", lambda *a, **kw: calls.append(1))
+    ref = train_teacher.fn(**kwargs, context=RunContext(tracking_uri=uri, parent_run_id=parent, account=account("r2")))
+    assert calls == [] and Path(ref.path).exists() and ref.run_id
+    assert tracking.client(uri).get_run(ref.run_id).data.tags["epsilon"]  # logged now
+    with DatasetLedger(url) as ledger:
+        assert [(r.stage, r.run_id) for r in ledger.history("d")] == [("teacher", "r1")]  # charged once
+
+
+def test_a_damaged_dp_release_is_refused_not_reused_or_redrawn(tmp_path, stores):
+    from privacy.config import StageBudget
+    from privacy.ledger import Ledger
+    from tasks.refs import RunContext, StatsRef
+    from tasks.stage import run_release
+
+    (tmp_path / "up").mkdir()
+    Ledger().save(tmp_path / "up" / "ledger.json")
+    upstream = StatsRef(stage="teacher", path=str(tmp_path / "up" / "ledger.json"), sha256="x",
+                        ledger_path=str(tmp_path / "up" / "ledger.json"))
+    data = DataRef(path=str(tmp_path), fingerprint="f", source_fingerprint="s", task="sst2", metric="accuracy",
+                   num_labels=2, num_train=100, num_dev=0)
+    budget = StageBudget(event=__import__("privacy.accounting", fromlist=["DPEvent"]).DPEvent(
+        noise_multiplier=5.0, sample_rate=1.0, num_steps=1), mechanism="gaussian_sum", target_epsilon=100.0,
+        delta=1e-3)
+    uri = stores[0]
+    context = RunContext(tracking_uri=uri, parent_run_id=tracking.study_run(
+        uri=uri, experiment="e", study_key="release", name="study", config={}))
+    draws = []
+
+    def release():
+        draws.append(1)
+        return {"sum": __import__("torch").ones(3) * len(draws)}
+    kwargs = dict(name="stats", budget=budget, release=release, data=data, out=tmp_path / "stats",
+                  ledger_from=upstream, context=context)
+    first = run_release(**kwargs)
+    assert run_release(**kwargs) == first and draws == [1]  # the same release, drawn once
+    assert first.ledger_sha256 == sha256_of(first.ledger_path)
+    (tmp_path / "stats" / "done.json").unlink()
+    Path(first.path).write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="damaged or incomplete.*spends its epsilon again"):
+        run_release(**kwargs)
+    assert draws == [1]
+
+
+def test_no_task_leaves_a_result_for_prefect_to_read_back():
+    """Prefect reads a stored result with the serializer its file names (a pickle, if someone replaced it): no task
+    or flow of dpcompress persists a result or uses Prefect's cache."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow, Task
+    from prefect.cache_policies import NO_CACHE
+
+    import tasks
+
+    found = []
+    for module in pkgutil.iter_modules(tasks.__path__):
+        for value in vars(importlib.import_module(f"tasks.{module.name}")).values():
+            if isinstance(value, Task):
+                found.append(value.name)
+                assert value.persist_result is False and value.cache_policy is NO_CACHE, value.name
+    assert {"prepare_data", "plan_privacy", "register_model", "train_teacher", "evaluate"} <= set(found)
+    from flows.study import study
+
+    assert isinstance(study, Flow) and study.persist_result is False
+
+
+def test_the_encoded_private_data_is_published_only_under_keyed_digests(tmp_path):
+    from privacy.fingerprint import owner_key
+
+    (tmp_path / "train.pt").write_bytes(b"encoded private rows")
+    keyed = sha256_of(tmp_path / "train.pt", key=owner_key())
+    assert keyed != sha256_of(tmp_path / "train.pt")  # a guess re-encoded and hashed does not match
+    ref = DataRef(path=str(tmp_path), fingerprint="f", source_fingerprint="s", task="sst2", metric="accuracy",
+                  num_labels=2, num_train=1, num_dev=0, files={str(tmp_path / "train.pt"): keyed})
+    mark_finished(tmp_path, ref)
+    assert finished(tmp_path) == ref
+    (tmp_path / "train.pt").write_bytes(b"edited private rows")
+    assert finished(tmp_path) is None
+
+
+def test_the_study_key_ignores_where_a_study_is_tracked_and_how_often_it_checkpoints(tmp_path):
+    from flows.config import load_config, study_key
+
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {task: sst2}\n")
+    base = study_key(load_config(path))
+    assert base == study_key(load_config(path, ["tracking.uri=sqlite:///elsewhere.db",
+                                                "teacher.train.checkpoint_every=7"]))
+    assert base != study_key(load_config(path, ["teacher.train.epochs=7"]))
+
+
+def test_the_registry_is_asked_whether_it_holds_the_model_already(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    assert tracking.registered_version(uri=uri, name="m", tags={"model_sha256": "a"}) is None  # no such model
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(tmp_path), tags={"model_sha256": "a", "epsilon": "4.0000"})
+    assert tracking.registered_version(uri=uri, name="m", tags={"model_sha256": "a", "epsilon": "4.0000"}) == "1"
+    assert tracking.registered_version(uri=uri, name="m", tags={"model_sha256": "a", "epsilon": "5.0000"}) is None
+    fresh = f"sqlite:///{tmp_path / 'reset.db'}"  # a store reset: it must be registered again
+    assert tracking.registered_version(uri=fresh, name="m", tags={"model_sha256": "a"}) is None
