@@ -44,7 +44,8 @@ class RandomEtas:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         high = torch.rand(input_ids.shape, generator=self.generator) < self.fraction
-        return torch.where(high, self.eta_contributing, self.eta_other).to(torch.float64)
+        levels = torch.tensor([self.eta_other, self.eta_contributing], dtype=torch.float64)
+        return levels[high.long()]
 
 
 def public_corpus(data_dir: str, *, tokenizer, tasks: Sequence[str] = ("cola", "mrpc", "stsb"),

@@ -71,7 +71,8 @@ class TokenEtas:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """eta for every position of `input_ids` (any shape), float64."""
         high = self.contributing[input_ids]
-        return torch.where(high, self.eta_contributing, self.eta_other).to(torch.float64)
+        levels = torch.tensor([self.eta_other, self.eta_contributing], dtype=torch.float64)  # float64, not float32
+        return levels[high.long()]
 
 
 def eta_levels(*, eta: float, eta_ratio: float, fraction: float) -> tuple[float, float]:
