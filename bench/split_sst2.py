@@ -94,14 +94,13 @@ def load_data(args, tokenizer) -> tuple[dict, dict, dict]:
 
 
 def grid(args) -> list[tuple[int, float, bool]]:
-    """(split, eta, cti) runs: per split the no-noise baseline first, then every eta x CTI setting."""
+    """(split, eta, cti) runs, most informative first (a grid stopped early still has a table): every split's
+    no-noise baseline, then per CTI setting and eta (in the given order) every split."""
     etas = [math.inf if e.strip() == "inf" else float(e) for e in args.etas.split(",")]
     ctis = [{"off": False, "on": True}[c.strip()] for c in args.cti.split(",")]
-    runs = []
-    for split in (int(s) for s in args.splits.split(",")):
-        runs.append((split, math.inf, False))
-        runs += [(split, eta, cti) for eta in etas if not math.isinf(eta) for cti in ctis]
-    return runs
+    splits = [int(s) for s in args.splits.split(",")]
+    runs = [(split, math.inf, False) for split in splits]
+    return runs + [(split, eta, cti) for cti in ctis for eta in etas if not math.isinf(eta) for split in splits]
 
 
 def run_one(model, tokenizer, data, *, split: int, eta: float, cti: bool, args) -> dict:
