@@ -154,8 +154,8 @@ def gains(rows: list[dict]) -> list[dict]:
 
 def settings(args, data) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "compression", "privacy"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "compression", "privacy", ":!bench/results"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()  # results are outputs, not code
     return {"model": "build_tiny(hidden 32, 2 layers) over MiniLM's tokenizer" if args.quick else args.model,
             **{k: v for k, v in vars(args).items() if k not in ("out", "quick", "model")},
             "quick": args.quick, "train_examples": len(data[0]["input_ids"]),
