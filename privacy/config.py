@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from privacy.accounting import DPEvent
+from privacy.mechanisms import require_composable
 from privacy.noise import noise_source
 
 DELTA_EXPONENT = 1.1  # default delta = n ** -DELTA_EXPONENT for n private training examples
@@ -94,6 +95,9 @@ class StageBudget:
     accountant: str = "prv"
     secure_mode: bool = False
     seeded: bool = False    # test mode: noise and sampling reproducible from the config, NO guarantee
+
+    def __post_init__(self):
+        require_composable(self.mechanism)
 
     @property
     def noise_multiplier(self) -> float:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from .accounting import BudgetError, DPEvent, calibrate_noise, compose_epsilon
 from .ledger import Ledger
+from .mechanisms import require_composable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +29,7 @@ class StagePlan:
     mechanism: str = "dp_sgd"
 
     def __post_init__(self) -> None:
+        require_composable(self.mechanism)
         DPEvent(noise_multiplier=self.noise_multiplier or 1.0, sample_rate=self.sample_rate,
                 num_steps=self.num_steps)
         if self.num_steps < 1:

@@ -1,0 +1,129 @@
+"""The empirical privacy of a split: what an inversion attack recovers from the token representations the vendor
+receives. `attack` is the one call of a pipeline stage: the customer's privatization of private examples (as sent),
+the attacks of privacy.audit.inversion (nearest neighbour at the embeddings; a linear model trained on PUBLIC text
+pushed through the public bottom model and the mechanism), top-1 recovery and EP. Not here: the attacks' math.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from compression.data import Split, collate, encode, length_chunks, lengths_of, load_split
+from compression.models import TextClassifier
+from compression.split.customer import Customer, vocabulary_table
+from compression.split.training import SplitConfig
+from privacy.audit.inversion import InversionResult, LinearInversion, nearest_neighbour_attack, score
+from privacy.mechanisms.dx import NoiseStream
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    """kind: "nearest" (embedding split only), "learned", or "auto" (nearest at split 0, learned deeper).
+    max_private_examples: how many private training examples are attacked (the first ones). max_public_tokens: the
+    learned attack's training tokens. ridge: its regularisation, relative to the features' mean variance."""
+
+    kind: Literal["auto", "nearest", "learned"] = "auto"
+    max_private_examples: int = 500
+    max_public_tokens: int = 200_000
+    ridge: float = 1e-3
+
+
+@dataclass(frozen=True)
+class RandomEtas:
+    """The attacker's stand-in for CTI on public text: it knows the two eta levels and the contributing fraction,
+    not which tokens are contributing, so each token draws its level at random."""
+
+    eta_contributing: float
+    eta_other: float
+    fraction: float
+    generator: torch.Generator
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        high = torch.rand(input_ids.shape, generator=self.generator) < self.fraction
+        levels = torch.tensor([self.eta_other, self.eta_contributing], dtype=torch.float64)
+        return levels[high.long()]
+
+
+def public_corpus(data_dir: str, *, tokenizer, tasks: Sequence[str] = ("cola", "mrpc", "stsb"),
+                  max_length: int = 64) -> dict:
+    """Every sentence of the train splits of `tasks` (public text, labels unused), encoded one sentence at a time."""
+    from compression.data import GLUE_TASKS
+
+    sentences = [text for task in tasks
+                 for column in load_split(GLUE_TASKS[task], data_dir=data_dir, split="train").texts for text in column]
+    return encode(Split((sentences,), [0] * len(sentences)), tokenizer, max_length=max_length)
+
+
+def privatized_tokens(customer: Customer, data: dict, *, namespace: str, special_ids: Sequence[int],
+                      max_tokens: int | None = None, batch_size: int = 64):
+    """(representations `[N, H]`, positions `[N]`, token ids `[N]`) of the real, non-special tokens of `data` as the
+    customer sends them (noise from its stream under `namespace`), in example order, at most `max_tokens`."""
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    reps, positions, tokens, count = [], [], [], 0
+    for index in length_chunks(torch.arange(len(data["input_ids"])), lengths_of(data), batch_size):
+        hidden = customer.crossing(data, index, namespace=namespace, labels=False).hidden
+        input_ids, mask, _ = collate(data, index)
+        keep = mask.bool() & ~torch.isin(input_ids, special)
+        reps.append(hidden[keep])
+        positions.append(torch.arange(input_ids.shape[1]).expand_as(input_ids)[keep])
+        tokens.append(input_ids[keep])
+        count += int(keep.sum())
+        if max_tokens is not None and count >= max_tokens:
+            break
+    out = torch.cat(reps), torch.cat(positions), torch.cat(tokens)
+    return tuple(t[:max_tokens] for t in out) if max_tokens is not None else out
+
+
+def _subset(data: dict, count: int) -> dict:
+    count = min(count, len(data["input_ids"]))
+    return {"input_ids": data["input_ids"][:count], "token_type_ids": data["token_type_ids"][:count],
+            "labels": data["labels"][:count]}
+
+
+def attack(model: TextClassifier, private: dict, public: dict, *, config: SplitConfig, special_ids: Sequence[int],
+           attack_config: AttackConfig | None = None, noise: NoiseStream | None = None) -> InversionResult:
+    """Top-1 token recovery and EP of an inversion attack on the split `config` (split layer, dx, CTI).
+
+    private: the customer's encoded training data (CTI is fit on all of it; the first `max_private_examples` are
+    attacked as sent). public: encoded public text for the learned attack (and the chance level). special_ids: token
+    ids left out of the score ([CLS], [SEP], padding). noise: the customer's noise (default: fresh, from the OS).
+    """
+    attack_config = attack_config or AttackConfig()
+    kind = attack_config.kind if attack_config.kind != "auto" else (
+        "nearest" if config.split_layer == 0 else "learned")
+    customer = Customer(model, split_layer=config.split_layer, dx=config.dx, noise=noise)
+    customer.fit_contributing(private, config.cti)
+    observed, positions, truth = privatized_tokens(customer, _subset(private, attack_config.max_private_examples),
+                                                   namespace="train", special_ids=special_ids)
+    vocab_size = model.encoder.config.vocab_size
+    public_tokens = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids in public["input_ids"]])
+    public_tokens = public_tokens[~torch.isin(public_tokens, torch.tensor(sorted(set(special_ids))))]
+    majority = int(torch.bincount(public_tokens, minlength=vocab_size).argmax())
+    if kind == "nearest":
+        if config.split_layer != 0:
+            raise ValueError("the nearest-neighbour attack needs a split at the embeddings (split_layer 0)")
+        predicted = nearest_neighbour_attack(observed, positions, table=vocabulary_table(customer.bottom),
+                                             vocab_size=vocab_size)
+    else:
+        inversion = _fit_learned(model, customer, public, config=config, special_ids=special_ids,
+                                 attack_config=attack_config)
+        predicted = inversion.predict(observed)
+    return score(predicted, truth, attack=kind, majority_token=majority, vocab_size=vocab_size)
+
+
+def _fit_learned(model: TextClassifier, customer: Customer, public: dict, *, config: SplitConfig,
+                 special_ids: Sequence[int], attack_config: AttackConfig) -> LinearInversion:
+    """The attacker's own customer on public text: the same public bottom and mechanism, its own noise; with CTI,
+    random per-token levels (it does not know the contributing set)."""
+    simulated = Customer(model, split_layer=config.split_layer, dx=config.dx, noise=NoiseStream())
+    levels = customer.token_etas
+    if levels is not None and not math.isinf(config.dx.eta):
+        simulated.token_etas = RandomEtas(levels.eta_contributing, levels.eta_other, levels.fraction,
+                                          torch.Generator().manual_seed(0))
+    features, _, tokens = privatized_tokens(simulated, public, namespace="public", special_ids=special_ids,
+                                            max_tokens=attack_config.max_public_tokens)
+    return LinearInversion(vocab_size=model.encoder.config.vocab_size, ridge=attack_config.ridge).fit(features, tokens)

@@ -1,0 +1,80 @@
+"""privacy.audit.inversion and compression.split.audit: without noise the nearest-neighbour attack at the embedding
+split recovers every token and the learned (public-text) attack most of them deeper down; heavy d_chi noise drives
+both to chance; the fast nearest-row search equals brute force; snapping sends vocabulary embeddings only."""
+import math
+
+import pytest
+import torch
+
+from compression.models import build_tiny
+from compression.split import AttackConfig, Customer, DXConfig, SplitConfig, attack
+from compression.split.customer import vocabulary_table
+from privacy.audit.inversion import LinearInversion, nearest_rows
+from privacy.mechanisms.dx import NoiseStream
+from tests.test_compression_split import VOCAB, toy_data
+
+SPECIAL = (0, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    return build_tiny(vocab_size=VOCAB, num_layers=2, seed=0), toy_data(100, 0), toy_data(600, 5)
+
+
+def _attack(setting, *, split_layer: int, eta: float, kind: str, snap: bool = False):
+    model, private, public = setting
+    return attack(model, private, public, config=SplitConfig(split_layer=split_layer, dx=DXConfig(eta=eta, snap=snap)),
+                  special_ids=SPECIAL, attack_config=AttackConfig(kind=kind), noise=NoiseStream(seed=0))
+
+
+@pytest.mark.parametrize("snap", [False, True])
+def test_nearest_neighbour_recovers_every_token_without_noise_at_the_embedding_split(setting, snap):
+    result = _attack(setting, split_layer=0, eta=math.inf, kind="nearest", snap=snap)
+    assert result.recovery >= 0.99 and result.empirical_privacy == pytest.approx(1 - result.recovery)
+    assert result.num_tokens > 500
+
+
+def test_heavy_noise_drives_nearest_neighbour_recovery_to_chance(setting):
+    light = _attack(setting, split_layer=0, eta=10.0, kind="nearest")
+    heavy = _attack(setting, split_layer=0, eta=0.01, kind="nearest")  # moves ~3200, embeddings are ~6 apart
+    assert light.recovery > 0.9
+    assert heavy.recovery < 3 * heavy.chance_uniform
+
+
+@pytest.mark.parametrize("split_layer", [1, 2])
+def test_learned_inversion_reads_deeper_splits_and_falls_to_chance_under_heavy_noise(setting, split_layer):
+    clear = _attack(setting, split_layer=split_layer, eta=math.inf, kind="learned")
+    heavy = _attack(setting, split_layer=split_layer, eta=0.01, kind="learned")
+    assert clear.recovery > 0.9  # a linear map from the hidden state, trained on public text only
+    assert heavy.recovery < heavy.chance_majority + 0.03  # it guesses the public text's most frequent token
+    with pytest.raises(ValueError, match="embeddings"):
+        _attack(setting, split_layer=split_layer, eta=math.inf, kind="nearest")
+
+
+def test_nearest_rows_equals_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    observed, candidates = torch.randn(700, 16, generator=generator), torch.randn(50, 16, generator=generator)
+    expected = torch.cdist(observed, candidates).argmin(1)
+    assert torch.equal(nearest_rows(observed, candidates, chunk_size=64), expected)
+
+
+def test_linear_inversion_guesses_the_majority_on_uninformative_features():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([3] * 60 + [1] * 30 + [2] * 10).repeat(30)
+    inversion = LinearInversion(vocab_size=5).fit(torch.randn(len(tokens), 8, generator=generator), tokens)
+    assert (inversion.predict(torch.randn(200, 8, generator=generator)) == 3).all()
+    informative = torch.nn.functional.one_hot(tokens, 5).double() * 3
+    assert torch.equal(LinearInversion(vocab_size=5).fit(informative, tokens).predict(informative), tokens)
+
+
+def test_snapping_sends_vocabulary_embeddings_only(setting):
+    model, private, _ = setting
+    customer = Customer(model, split_layer=0, dx=DXConfig(eta=5.0, snap=True), noise=NoiseStream(seed=0))
+    crossing = customer.crossing(private, torch.arange(8), namespace="train", labels=False)
+    table = vocabulary_table(customer.bottom)
+    for position in range(crossing.hidden.shape[1]):
+        rows = crossing.hidden[crossing.attention_mask[:, position].bool(), position]
+        distance = torch.cdist(rows, table(position), compute_mode="donot_use_mm_for_euclid_dist")
+        assert distance.min(1).values.max() < 1e-5
+    with pytest.raises(ValueError, match="snap"):
+        Customer(model, split_layer=1, dx=DXConfig(eta=5.0, snap=True))
