@@ -12,8 +12,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
 import time
@@ -25,12 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from bench.dp_overhead import MALLOC_ENV, SIZES  # noqa: E402
-from compression.methods import METHODS, get_method, prepare, stage_plan  # noqa: E402
-from compression.train import TrainConfig, make_optimizer  # noqa: E402
-from privacy.engine import PrivateModel  # noqa: E402
+from bench.dp_overhead import SIZES  # noqa: E402
+from compression.methods import METHODS, get_method  # noqa: E402
+from compression.profile import MALLOC_ENV, Stepper, measure  # noqa: E402
 
 # every layer adapted, whatever the method's own default (a method not named here runs with its config's defaults,
 # `layers: all` when it has that field): the registry decides which methods run. `side` has no layers: its side
@@ -59,78 +55,24 @@ def method_config(name: str):
     return cls(**settings)
 
 
-def _status_mb(key: str) -> float:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-class Stepper:
-    """One logical training step of `method` (DP or not) as compression.train runs it: the method prepares the
-    stage's model, its `StagePlan`'s features (the frozen part) run once (the loop caches them), its logits run with
-    autograd."""
-
-    def __init__(self, case: Case, method: str, dp: bool, seed: int = 0):
-        torch.manual_seed(seed)
-        config = method_config(method)
-        model = prepare(SIZES[case.model]().to(case.device), config)
-        plan = stage_plan(model, config)
-        vocab, g = model.encoder.config.vocab_size, torch.Generator().manual_seed(seed)
-        ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (case.batch_size, case.seq_len), generator=g)
-        self.mask = torch.ones_like(ids).to(case.device)
-        self.labels = torch.randint(0, 2, (case.batch_size,), generator=g).to(case.device)
-        plan.module.eval()
-        with torch.no_grad():
-            self.features = plan.features(ids.to(case.device), self.mask, torch.zeros_like(self.mask))
-        plan.module.train()
-        self.plan = plan
-        config = TrainConfig(optimizer=case.optimizer, engine=case.engine)
-        self.optimizer = make_optimizer(plan.module, config)
-        self.private = None if not dp else PrivateModel(
-            plan.module, self.optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=case.batch_size,
-            mode=case.engine, generator=torch.Generator(device=case.device).manual_seed(0))
-        self.trainable = sum(p.numel() for p in plan.module.parameters() if p.requires_grad)
-
-    def step(self) -> float:
-        sync = torch.cuda.synchronize if self.features.is_cuda else (lambda: None)
-        sync()
-        began = time.perf_counter()
-        losses = F.cross_entropy(self.plan.logits(self.features, self.mask), self.labels, reduction="none")
-        if self.private is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()
-            self.optimizer.step()
-        else:
-            self.private.backward(losses)
-            self.private.step()
-        sync()
-        return time.perf_counter() - began
-
-
-def measure(job: dict) -> dict:
-    """Memory and step times of one configuration in this process (`job`: case, method, dp)."""
+def measure_job(job: dict) -> dict:
+    """Memory and step times of one configuration in this process (`job`: case, method, dp): compression.profile's
+    Stepper and measure, on this benchmark's model sizes."""
     case, method, dp = Case(**job["case"]), job["method"], job["dp"]
     row = {"model": case.model, "seq_len": case.seq_len, "method": method, "dp": dp}
     try:
-        stepper = Stepper(case, method, dp)
-        for _ in range(case.warmup):
-            stepper.step()
-        if case.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _status_mb("VmRSS")
-        times = [stepper.step() for _ in range(case.steps)]
+        stepper = Stepper(SIZES[case.model](), method_config(method), batch_size=case.batch_size,
+                          seq_len=case.seq_len, dp=dp, optimizer=case.optimizer, engine=case.engine,
+                          device=case.device)
+        row.update(measure(stepper, steps=case.steps, warmup=case.warmup))
     except Exception as err:  # a configuration that cannot run (e.g. out of memory) is a result, not a crash
         return {**row, "error": repr(err)}
-    row.update(trainable_parameters=stepper.trainable, cached_features=list(stepper.features.shape[2:]),
-               peak_mb=_status_mb("VmHWM"),
-               rss_before_step_mb=base, median_step_s=statistics.median(times), step_s=times)
-    row["step_mb"] = row["peak_mb"] - base
-    if case.device == "cuda":
-        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    row["cached_features"] = list(stepper.features.shape[2:])
     return row
 
 
 def worker(jobs: list[dict]) -> list[dict]:
-    return [measure(job) for job in jobs]
+    return [measure_job(job) for job in jobs]
 
 
 def run_worker(jobs: list[dict], threads: int) -> list[dict]:

@@ -11,7 +11,7 @@ import pandas as pd
 from privacy import files as atomic
 
 COLUMNS = ("stage", "line", "metric", "sparsity", "parameters", "nonzero_parameters", "size_mb", "sparse_size_mb",
-           "epsilon", "delta")
+           "trainable_parameters", "train_peak_mb", "train_step_mb", "train_step_s", "epsilon", "delta")
 
 
 def results_frame(rows: list[dict], *, metric: str) -> pd.DataFrame:
@@ -60,7 +60,8 @@ def plot(frame: pd.DataFrame, *, x: str, y: str, path: Path) -> Path:
 
 
 def write_results(rows: list[dict], directory: str | Path, *, metric: str, footer: str = "") -> dict[str, Path]:
-    """results.csv, results.md (table + `footer`), sparsity_vs_metric.png and epsilon_vs_metric.png in `directory`."""
+    """results.csv, results.md (table + `footer`), sparsity_vs_metric.png and epsilon_vs_metric.png in `directory`
+    (and memory_vs_metric.png when rows have a `train_peak_mb`: training memory, from tasks.profile)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     frame = results_frame(rows, metric=metric)
@@ -69,4 +70,7 @@ def write_results(rows: list[dict], directory: str | Path, *, metric: str, foote
     atomic.write_text(files["markdown"], to_markdown(frame) + (f"\n\n{footer}\n" if footer else "\n"))
     files["sparsity_plot"] = plot(frame, x="sparsity", y=metric, path=directory / "sparsity_vs_metric.png")
     files["epsilon_plot"] = plot(frame, x="epsilon", y=metric, path=directory / "epsilon_vs_metric.png")
+    if "train_peak_mb" in frame:  # models whose training was profiled (the others have no memory to plot)
+        files["memory_plot"] = plot(frame[frame["train_peak_mb"].notna()], x="train_peak_mb", y=metric,
+                                    path=directory / "memory_vs_metric.png")
     return files

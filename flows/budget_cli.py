@@ -135,7 +135,8 @@ def format_plan(values: dict) -> str:
     return "\n".join([
         f"privacy plan for study {values['study']!r}: {values['task']}, n = {values['num_train']:,} private "
         f"training examples; epsilon is cumulative "
-        + ("in run order" if values["scope"] == "study" else "along each line, teacher first"),
+        + ("in run order" if values["scope"] == "study" else
+           "along each line, teacher first (a finetune line starts from the pretrained model, without it)"),
         table,
         (f"total: epsilon = {values['epsilon']:.4f} (target {values['target_epsilon']:g}) "
          if values["scope"] == "study" else

@@ -10,12 +10,13 @@ import functools
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compression.data import DataConfig
 from compression.distill import StudentConfig
@@ -121,6 +122,41 @@ class NonPrivateSection(StageSection):
                                      encoder_learning_rate=0.05)
 
 
+class FinetuneSection(_Section):
+    """DP fine-tuning of the pretrained model by several methods, one line each, side by side (the DP-MemArc
+    comparison): `lines` maps a line's name to its `method` and `train`. Each line starts from the pretrained model,
+    not from the DP teacher; under scope "line" each composes to epsilon on its own. Off by default."""
+    enabled: bool = False
+    lines: dict[str, StageSection] = {}
+
+    @field_validator("lines")
+    @classmethod
+    def _names(cls, lines: dict[str, StageSection]) -> dict[str, StageSection]:
+        for name in lines:
+            if not re.fullmatch(r"[a-z0-9_]{1,40}", name):
+                raise ValueError(f"line name {name!r}: use 1-40 lower-case letters, digits and underscores")
+        return lines
+
+    @model_validator(mode="after")
+    def _some_lines(self):
+        if self.enabled and not self.lines:
+            raise ValueError("finetune.enabled needs at least one line in finetune.lines (name: {method, train})")
+        return self
+
+
+class ProfileSection(_Section):
+    """Training memory and step time of every stage that starts from the pretrained model (teacher, non-private
+    baseline, finetune lines), measured on a fixed synthetic batch (random token ids: nothing of the private data,
+    so the numbers reveal nothing about it) in a fresh process, as bench/memory.py does. Off by default."""
+    enabled: bool = False
+    batch_size: int = Field(32, gt=0)
+    seq_len: int = Field(128, gt=1)
+    steps: int = Field(2, gt=0)
+    # false: measure in the study's own process (seconds instead of a fresh interpreter's start-up per model; its
+    # peak then includes whatever that process holds, so only the step's own memory compares across methods)
+    fresh_process: bool = True
+
+
 class TrackingSection(_Section):
     uri: str | None = None  # MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite in output_dir
     experiment: str = "dpcompress"
@@ -141,6 +177,8 @@ class StudyConfig(_Section):
     prune: PruneSection = PruneSection()
     structured: StructuredSection = StructuredSection()
     distill: DistillSection = DistillSection()
+    finetune: FinetuneSection = FinetuneSection()
+    profile: ProfileSection = ProfileSection()
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")

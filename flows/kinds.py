@@ -144,6 +144,26 @@ def _run_distill(stage: Stage, state: LineState, run: Run) -> LineState:
     return LineState(model=model, ledger_from=model)
 
 
+# --- fine-tuning of the pretrained model by one method (a line of its own, not from the teacher) -------------------
+
+def _finetune_lines(cfg: StudyConfig, lines: dict[str, list[Stage]]) -> dict[str, list[Stage]]:
+    f = cfg.finetune
+    if not f.enabled:
+        return lines
+    return lines | {f"finetune_{name}": [Stage(f"finetune_{name}", "finetune", "finetune", 1.0, variant=name,
+                                               independent=True)] for name in f.lines}
+
+
+def _run_finetune(stage: Stage, state: LineState, run: Run) -> LineState:
+    from tasks.teacher import train_teacher
+
+    section = run.cfg.finetune.lines[stage.variant]
+    model = train_teacher(stage=stage.name, budget=run.budgets[stage.name], data=run.data, model=run.cfg.model,
+                          method=section.method, train=section.train, ledger_from=state.ledger_from,
+                          output_dir=run.output_dir, context=run.context)
+    return LineState(model=model, ledger_from=model)
+
+
 def _no_lines(cfg: StudyConfig, lines: dict[str, list[Stage]]) -> dict[str, list[Stage]]:
     return lines  # its stages come from another kind's planner (the pruning rounds')
 
@@ -153,18 +173,19 @@ KINDS: dict[str, StageKind] = {
     "prune_statistics": StageKind(lines=_no_lines, run=_run_statistics),
     "structured": StageKind(lines=_structured_lines, run=_run_structured),
     "distill": StageKind(lines=_distill_lines, run=_run_distill),
+    "finetune": StageKind(lines=_finetune_lines, run=_run_finetune),
 }
 
 
 def run_lines(run: Run) -> list[ModelRef]:
     """Every line from the DP teacher, stage after stage; returns the models, in run order. Scope "study": each stage
     extends the ledger of the stage run before it, across lines, so the last one covers the whole study; scope
-    "line": its own line's."""
+    "line": its own line's (a line independent of the teacher starts a ledger of its own)."""
     from flows.plan import model_lines
 
     models, last = [], run.teacher
     for line in model_lines(run.cfg).values():
-        state = LineState(model=run.teacher, ledger_from=run.teacher)
+        state = LineState(model=run.teacher, ledger_from=None if line[0].independent else run.teacher)
         for stage in line:
             if run.cfg.privacy.scope == "study":
                 state = dataclasses.replace(state, ledger_from=last)

@@ -21,7 +21,9 @@ TEACHER = "teacher"
 class Stage:
     """One private stage of a line. kind: its entry in flows.kinds.KINDS; section: the config section whose method
     and training it uses (and whose budget share it draws on); share: its fraction of the whole budget; fixed_noise:
-    a sigma used as given (a one-shot release's), or None to calibrate one."""
+    a sigma used as given (a one-shot release's), or None to calibrate one. variant: the entry of a section with
+    several (a finetune line's name). independent: the first stage of a line that starts from the pretrained
+    model, not from the DP teacher."""
 
     name: str
     kind: str
@@ -31,6 +33,8 @@ class Stage:
     init: str | None = None
     mechanism: str = "dp_sgd"
     fixed_noise: float | None = None
+    variant: str | None = None
+    independent: bool = False
 
 
 def model_lines(cfg: StudyConfig) -> dict[str, list[Stage]]:
@@ -43,14 +47,29 @@ def model_lines(cfg: StudyConfig) -> dict[str, list[Stage]]:
     return lines
 
 
+def stage_section(cfg: StudyConfig, stage: Stage):
+    """The config section (method, train, ...) stage `stage` runs with: its section's, or its variant's there."""
+    section = getattr(cfg, stage.section)
+    return section.lines[stage.variant] if stage.variant is not None else section
+
+
+def pretrained_stages(cfg: StudyConfig) -> dict[str, tuple[object, bool]]:
+    """The stages that train the pretrained model itself: stage name -> (its section: method and train, private)."""
+    stages = {TEACHER: (cfg.teacher, True)} | ({"nonprivate_teacher": (cfg.nonprivate, False)}
+                                               if cfg.nonprivate.enabled else {})
+    return stages | {s.name: (stage_section(cfg, s), True) for line in model_lines(cfg).values() for s in line
+                     if s.independent}
+
+
 def _stage_plan(cfg: StudyConfig, stage: Stage, num_train: int) -> StagePlan:
     fixed = cfg.privacy.fixed_noise.get(stage.name, stage.fixed_noise)
     if stage.mechanism == "gaussian_sum":  # one release over every example
         return StagePlan(stage=stage.name, sample_rate=1.0, num_steps=1, budget_share=stage.share,
-                         noise_multiplier=fixed, mechanism=stage.mechanism)
-    train = getattr(cfg, stage.section).train
+                         noise_multiplier=fixed, mechanism=stage.mechanism, independent=stage.independent)
+    train = stage_section(cfg, stage).train
     return StagePlan(stage=stage.name, sample_rate=train.sample_rate(num_train), num_steps=train.num_steps(num_train),
-                     budget_share=stage.share, noise_multiplier=fixed, mechanism=stage.mechanism)
+                     budget_share=stage.share, noise_multiplier=fixed, mechanism=stage.mechanism,
+                     independent=stage.independent)
 
 
 def stage_plans(cfg: StudyConfig, num_train: int) -> tuple[StagePlan, dict[str, list[StagePlan]]]:
@@ -76,11 +95,12 @@ def plan_study(cfg: StudyConfig, num_train: int) -> dict[str, StageBudget]:
 
 def cumulative_epsilons(cfg: StudyConfig, budgets: dict[str, StageBudget]) -> dict[str, float]:
     """Each stage's epsilon composed with the stages before it: in run order (scope "study") or along its own line,
-    teacher first (scope "line")."""
+    teacher first unless the line is independent of it (scope "line")."""
     teacher = budgets[TEACHER]
     spent, history = {TEACHER: _epsilon([teacher], teacher)}, [teacher]
     for line in model_lines(cfg).values():
-        history = history if cfg.privacy.scope == "study" else [teacher]
+        if cfg.privacy.scope == "line":
+            history = [] if line and line[0].independent else [teacher]
         for stage in line:
             history = [*history, budgets[stage.name]]
             spent[stage.name] = _epsilon(history, teacher)

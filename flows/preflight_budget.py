@@ -32,7 +32,7 @@ def check_budget(cfg: StudyConfig, num_train: int) -> list[str]:
     except ValueError as err:  # its message names privacy.delta or privacy.fixed_noise
         return [str(err)]
     groups = ([[teacher, *(p for line in lines.values() for p in line)]] if cfg.privacy.scope == "study"
-              else [[teacher, *line] for line in lines.values()] or [[teacher]])
+              else [[*line] if line[0].independent else [teacher, *line] for line in lines.values()] + [[teacher]])
     with time_limit(PLAN_TIMEOUT_S):
         try:
             found = next(filter(None, (_fits(cfg, group, delta) for group in groups)), [])

@@ -1,5 +1,6 @@
 """The study flow: prepare the data -> plan the privacy budget -> DP teacher -> model lines (pruning rounds, structured
-rounds, distilled students), each starting from the teacher -> evaluate every model -> results table -> register."""
+rounds, distilled students from the teacher; fine-tuning methods from the pretrained model) -> evaluate every model
+(and profile the training of those from the pretrained model) -> results table -> register."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,12 @@ from prefect import flow
 
 from flows.config import StudyConfig, load_config, study_key
 from flows.kinds import Run, run_lines
-from flows.plan import model_lines, stage_plans
+from flows.plan import model_lines, pretrained_stages, stage_plans
 from tasks.budget import plan_privacy, release_budget, reserve_budget
 from tasks.data import prepare_data
 from tasks.evaluation import close_study, evaluate_model, open_study, results_table
 from tasks.lock import study_lock
+from tasks.profile import profile_training
 from tasks.refs import RunContext
 from tasks.registry import register_final
 from tasks.teacher import train_nonprivate, train_teacher
@@ -64,13 +66,17 @@ def _run_study(cfg: StudyConfig) -> list[dict]:
         release_budget(account=account)
 
         evals = [evaluate_model(stage=m.stage, model=m, data=data, tracking_uri=uri) for m in models]
+        starts = pretrained_stages(cfg) if cfg.profile.enabled else {}
+        profiles = [profile_training(model=m, base=cfg.model, num_labels=data.num_labels, section=starts[m.stage][0],
+                                     private=starts[m.stage][1], profile=cfg.profile, output_dir=out, tracking_uri=uri)
+                    for m in models if m.stage in starts]
         register_final(models=models, evaluations=evals, scope=cfg.privacy.scope,
                        register_stage=cfg.tracking.register_stage, task_name=data.task, tracking_uri=uri,
                        name=cfg.tracking.registered_model or f"{cfg.name}-{data.task}")
         line_of = {s.name: name for name, stages in model_lines(cfg).items() for s in stages}
         rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},
                              metric=data.metric, scope=cfg.privacy.scope, tracking_uri=uri, parent_run_id=parent,
-                             output_dir=out)
+                             output_dir=out, profiles=profiles)
     except BaseException:
         if context.account is not None:
             release_budget(account=context.account)

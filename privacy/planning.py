@@ -19,7 +19,9 @@ from .mechanisms import require_composable
 class StagePlan:
     """A DP stage still to run. budget_share: this stage's share of the total epsilon; the cumulative
     spend after it may reach target * (shares so far) / (all shares). noise_multiplier: a fixed sigma
-    that `plan_noise` uses as given, or None to calibrate one. mechanism: a registered mechanism's name."""
+    that `plan_noise` uses as given, or None to calibrate one. mechanism: a registered mechanism's name.
+    independent: the first stage of a model line that does not start from the teacher (it fine-tunes the
+    pretrained model itself): `plan_lines` plans that line without the teacher."""
 
     stage: str
     sample_rate: float
@@ -27,6 +29,7 @@ class StagePlan:
     budget_share: float
     noise_multiplier: float | None = None
     mechanism: str = "dp_sgd"
+    independent: bool = False
 
     def __post_init__(self) -> None:
         require_composable(self.mechanism)
@@ -124,33 +127,46 @@ SCOPES = ("study", "line")
 
 def plan_lines(teacher: StagePlan, lines: Sequence[Sequence[StagePlan]], *, scope: str, target_epsilon: float,
                delta: float, accountant: str = "prv") -> dict[str, float]:
-    """Noise multipliers (stage name -> sigma) for a teacher followed by model lines that each start from it.
+    """Noise multipliers (stage name -> sigma) for a teacher followed by model lines that each start from it, or
+    from the pretrained model (an independent line: its first stage is `independent`).
 
     scope "study": every stage of every line composes with every other into one (target_epsilon, delta),
     in the order teacher, line 0, line 1, ... (`plan_noise` over that sequence): releasing all models
-    together is covered. scope "line": each line, teacher included, composes to target_epsilon on its
-    own (the paper's comparison of compression methods at one epsilon); the teacher takes the fraction
-    `teacher.budget_share` (< 1) of it in every line and each line's stages split the rest by their
-    shares. The teacher gets one sigma, the same in every line. Releasing models of several lines
-    together costs their composition (`union_epsilon`), above target_epsilon.
+    together is covered. scope "line": each line composes to target_epsilon on its own (the paper's
+    comparison of compression methods at one epsilon). A line from the teacher includes it: the teacher
+    takes the fraction `teacher.budget_share` (< 1) of epsilon in every such line and the line's stages
+    split the rest by their shares; the teacher gets one sigma, the same in every line. An independent
+    line's stages split all of epsilon by their shares, and the teacher alone (no line from it) gets all
+    of it. Releasing models of several lines together costs their composition (`union_epsilon`), above
+    target_epsilon.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if scope == "study" or not lines:
+    if scope == "study":
         stages = [teacher, *(s for line in lines for s in line)]
         return dict(zip((s.stage for s in stages), plan_noise(stages, target_epsilon=target_epsilon, delta=delta,
                                                                   accountant=accountant)))
-    if not 0 < teacher.budget_share < 1:
+    _check_names([teacher, *(s for line in lines for s in line)], ())
+    independent = [line for line in lines if line and line[0].independent]
+    from_teacher = [line for line in lines if line and not line[0].independent]
+    if not from_teacher:
+        sigmas = dict(zip([teacher.stage], plan_noise([replace(teacher, budget_share=1.0)],
+                                                      target_epsilon=target_epsilon, delta=delta,
+                                                      accountant=accountant)))
+    elif not 0 < teacher.budget_share < 1:
         raise ValueError(f"with scope 'line' the teacher's share is a fraction of epsilon in (0, 1), "
                          f"got {teacher.budget_share!r}")
-    _check_names([teacher, *(s for line in lines for s in line)], ())
-    sigmas: dict[str, float] = {}
-    for line in lines:
+    else:
+        sigmas = {}
+    for line in from_teacher:
         rest = (1 - teacher.budget_share) / sum(s.budget_share for s in line)
         first = teacher if not sigmas else replace(teacher, noise_multiplier=sigmas[teacher.stage])
         stages = [first, *(replace(s, budget_share=s.budget_share * rest) for s in line)]
         sigmas |= dict(zip((s.stage for s in stages), plan_noise(stages, target_epsilon=target_epsilon,
                                                                   delta=delta, accountant=accountant)))
+    for line in independent:
+        sigmas |= dict(zip((s.stage for s in line), plan_noise(line, target_epsilon=target_epsilon, delta=delta,
+                                                                accountant=accountant)))
     return sigmas
 
 

@@ -53,13 +53,17 @@ def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: 
 
 @task(name="results_table", **FOLDER_CACHED)
 def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: dict[str, str], metric: str,
-                  scope: str, tracking_uri: str, parent_run_id: str, output_dir: str) -> list[dict]:
-    """One row per model (CSV, Markdown, two plots) logged to the study run under results/; returns the rows."""
+                  scope: str, tracking_uri: str, parent_run_id: str, output_dir: str,
+                  profiles: list[EvalRef] = ()) -> list[dict]:
+    """One row per model (CSV, Markdown, plots) logged to the study run under results/; returns the rows. With
+    `profiles` (tasks.profile), the training columns of the models profiled, and a plot of memory against metric."""
+    profiled = {p.stage: p.results for p in profiles}
     rows = [{"stage": m.stage, "line": lines.get(m.stage, m.stage), "metric": e.results["metric"],
              "sparsity": e.results["sparsity"], "parameters": e.results["parameters"],
              "nonzero_parameters": e.results.get("nonzero_parameters"), "size_mb": e.results.get("size_bytes", 0) / 1e6,
              "sparse_size_mb": e.results.get("sparse_size_bytes", 0) / 1e6 or None,
-             "epsilon": m.epsilon, "delta": m.delta} for m, e in zip(models, evaluations)]
+             "epsilon": m.epsilon, "delta": m.delta, **_training_columns(profiled.get(m.stage))}
+            for m, e in zip(models, evaluations)]
     private = [m for m in models if math.isfinite(m.epsilon)]
     ledgers = [Ledger.load(m.ledger_path) for m in private]
     accountant, delta = ledgers[-1].entries[-1].accountant, private[-1].delta
@@ -74,6 +78,13 @@ def results_table(*, models: list[ModelRef], evaluations: list[EvalRef], lines: 
     run.artifact(directory, "results")
     run.metrics({"epsilon_all_models": union})
     return [{(metric if k == "metric" else k): v for k, v in r.items() if v is not None} for r in rows]
+
+
+def _training_columns(profile: dict | None) -> dict:
+    if profile is None:
+        return {}
+    return {"trainable_parameters": profile["trainable_parameters"], "train_peak_mb": profile["peak_mb"],
+            "train_step_mb": profile["step_mb"], "train_step_s": profile["median_step_s"]}
 
 
 NOISE_NOTES = {

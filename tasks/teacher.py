@@ -22,16 +22,19 @@ from tasks.stage import console_progress, reuse, run_dp_stage
 
 @task(name="train_teacher", **FOLDER_CACHED)
 def train_teacher(*, stage: str, budget: StageBudget, data: DataRef, model: ModelConfig, method, train: TrainConfig,
-                  output_dir: str, context: RunContext) -> ModelRef:
-    """DP fine-tuning of the pretrained model (`model`) with a fresh head."""
-    out = stage_dir(output_dir, stage, {"data": data, "model": model, "method": method, "train": train,
-                                        "budget": budget, "model_content": model_fingerprint(model.name_or_path)})
+                  output_dir: str, context: RunContext, ledger_from: ModelRef | None = None) -> ModelRef:
+    """DP fine-tuning of the pretrained model (`model`) with a fresh head: the DP teacher, or a line of the
+    comparison of fine-tuning methods (its ledger extending `ledger_from`'s under scope "study")."""
+    key = {"data": data, "model": model, "method": method, "train": train, "budget": budget,
+           "model_content": model_fingerprint(model.name_or_path)}
+    out = stage_dir(output_dir, stage, key if ledger_from is None else key | {"ledger_from": ledger_from})
     if done := reuse(out, stage, context):
         return done
     net, tokenizer = load_classifier(model.name_or_path, num_labels=data.num_labels, pooling=model.pooling,
                                      dropout=model.dropout, seed=train.seed)
     return run_dp_stage(name=stage, budget=budget, model=net, tokenizer=tokenizer, data=data, train=train,
-                        method=method, out=out, ledger_from=None, context=context, params={"model": vars(model)})
+                        method=method, out=out, ledger_from=ledger_from, context=context,
+                        params={"model": vars(model)})
 
 
 @task(name="train_nonprivate", **FOLDER_CACHED)

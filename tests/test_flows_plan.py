@@ -178,3 +178,37 @@ def test_a_new_stage_kind_is_one_registry_entry(tmp_path, monkeypatch):
     assert list(lines(cfg, {})) == ["sidecar"] and "sidecar" in kinds.KINDS
     rows = {r["stage"]: r for r in plan_values(cfg, 4000)["stages"]}
     assert rows["sidecar_1"]["line"] == "sidecar" and rows["sidecar_1"]["epsilon"] == pytest.approx(8.0, rel=0.02)
+
+
+def test_memarc_study_every_line_at_epsilon_and_the_dataset_budget_covers_all(tmp_path):
+    """flows/configs/memarc.yaml: the teacher and each finetune line (from the pretrained model, its ledger without
+    the teacher) meet epsilon on their own; the stated dataset budget covers releasing all of them."""
+    from pathlib import Path
+
+    from flows.plan import cumulative_epsilons, pretrained_stages
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "flows/configs/memarc.yaml",
+                      ["privacy.accountant=rdp"])
+    got = {k: [(s.name, s.kind, s.independent) for s in v] for k, v in lines(cfg).items()}
+    assert got == {f"finetune_{m}": [(f"finetune_{m}", "finetune", True)]
+                   for m in ("bitfit", "lora", "side", "reversible")}
+    n = 8000
+    budgets = plan_study(cfg, n)
+    spent = cumulative_epsilons(cfg, budgets)
+    assert set(spent) == {"teacher", *(f"finetune_{m}" for m in ("bitfit", "lora", "side", "reversible"))}
+    for stage, epsilon in spent.items():
+        assert epsilon == pytest.approx(8.0, rel=0.02) and epsilon <= 8.0 * (1 + 1e-9), stage
+    union = compose_epsilon([b.event for b in budgets.values()], delta=budgets["teacher"].delta, accountant="rdp")
+    assert 8.0 < union <= cfg.privacy.dataset_budget * 1.05  # rdp is a little above prv, which the config states
+    assert set(pretrained_stages(cfg)) == {"nonprivate_teacher", *spent}
+    assert pretrained_stages(cfg)["finetune_side"][0].method.name == "side"
+    assert pretrained_stages(cfg)["nonprivate_teacher"][1] is False
+
+
+def test_finetune_section_refuses_bad_lines(tmp_path):
+    with pytest.raises(ConfigError, match="finetune.lines: .*line name 'LoRA'"):
+        _cfg(tmp_path, "finetune: {enabled: true, lines: {LoRA: {method: {name: lora}}}}\n")
+    with pytest.raises(ConfigError, match="finetune.*at least one line"):
+        _cfg(tmp_path, "finetune: {enabled: true}\n")
+    with pytest.raises(ConfigError, match=r"finetune.lines.lora.method.lora.rnak: unknown key"):
+        _cfg(tmp_path, "finetune: {enabled: true, lines: {lora: {method: {name: lora, rnak: 4}}}}\n")

@@ -337,3 +337,33 @@ def test_plan_lines_validates_scope_and_teacher_fraction():
     with pytest.raises(ValueError, match=r"fraction of epsilon in \(0, 1\)"):
         plan_lines(StagePlan(stage="teacher", sample_rate=0.05, num_steps=60, budget_share=1.0), lines,
                    scope="line", target_epsilon=4.0, delta=1e-5)
+
+
+def test_plan_lines_independent_lines_meet_the_budget_without_the_teacher():
+    teacher, lines = _line_plans()
+    own = [StagePlan(stage="finetune_a", sample_rate=0.05, num_steps=60, budget_share=1.0, independent=True)]
+    two = [StagePlan(stage="finetune_b", sample_rate=0.1, num_steps=30, budget_share=0.5, independent=True),
+           StagePlan(stage="finetune_b2", sample_rate=0.1, num_steps=30, budget_share=0.5)]
+    sigmas = plan_lines(teacher, [*lines, own, two], scope="line", target_epsilon=4.0, delta=1e-5)
+    t_event = teacher.event_at(sigmas["teacher"])
+    assert compose_epsilon([t_event], delta=1e-5) == pytest.approx(2.0, rel=0.01)  # still half, for its own lines
+    for line in (own, two):  # all of epsilon, the teacher's events not in it
+        events = [p.event_at(sigmas[p.stage]) for p in line]
+        assert compose_epsilon(events, delta=1e-5) == pytest.approx(4.0, rel=0.01)
+        assert compose_epsilon(events, delta=1e-5) <= 4.0 * (1 + 1e-9)
+    assert compose_epsilon(events[:1], delta=1e-5) == pytest.approx(2.0, rel=0.05)  # its own shares split it
+    # the same stage in a line from the teacher gets less: the teacher's half is in that line
+    dependent = plan_lines(teacher, [[dataclasses.replace(own[0], independent=False)]], scope="line",
+                           target_epsilon=4.0, delta=1e-5)
+    assert dependent["finetune_a"] > sigmas["finetune_a"]
+
+
+def test_plan_lines_teacher_alone_with_independent_lines_gets_all_of_epsilon():
+    teacher, _ = _line_plans()
+    own = [StagePlan(stage="finetune_a", sample_rate=0.05, num_steps=60, budget_share=1.0, independent=True)]
+    sigmas = plan_lines(teacher, [own], scope="line", target_epsilon=4.0, delta=1e-5)
+    assert sigmas["teacher"] == pytest.approx(sigmas["finetune_a"])  # the same event, both at the whole budget
+    assert compose_epsilon([teacher.event_at(sigmas["teacher"])], delta=1e-5) == pytest.approx(4.0, rel=0.01)
+    study = plan_lines(teacher, [own], scope="study", target_epsilon=4.0, delta=1e-5)  # everything composes
+    both = [teacher.event_at(study["teacher"]), own[0].event_at(study["finetune_a"])]
+    assert compose_epsilon(both, delta=1e-5) == pytest.approx(4.0, rel=0.01)
