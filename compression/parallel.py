@@ -49,8 +49,11 @@ def run_ranks(train_rank: Callable[..., int], run: dict, *, processes: int,
             result = train_rank(**run, on_step=on_step)
         finally:
             dist.destroy_process_group()
-    except BaseException:
+    except BaseException as err:
+        failed = _worker_failure(context) if isinstance(err, RuntimeError) else None
         _stop(context)
+        if failed is not None:  # rank 0's error is the lost connection; the cause is the worker's
+            raise failed from err
         raise
     while not context.join():  # raises, naming the rank, if a worker failed
         pass
@@ -70,6 +73,15 @@ def _worker(index: int, train_rank: Callable[..., int], run: dict, world: int, p
         train_rank(**run)
     finally:
         dist.destroy_process_group()
+
+
+def _worker_failure(context) -> Exception | None:
+    """The error of a worker that failed (waiting a few seconds for its report), or None."""
+    try:
+        context.join(timeout=10)
+    except Exception as err:  # torch.multiprocessing's ProcessRaisedException / ProcessExitedException
+        return err
+    return None
 
 
 def _stop(context) -> None:

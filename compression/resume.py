@@ -63,7 +63,7 @@ class StageCheckpoints:
         private.optimizer.load_state_dict(checkpoint.optimizer)
         sampler.load_state_dict(checkpoint.sampler)
         private.noise_generator.set_state(checkpoint.noise_generator)
-        torch.set_rng_state(checkpoint.torch_rng if world == 1 else checkpoint.torch_rng[rank])
+        torch.set_rng_state(checkpoint.torch_rng if world == 1 else checkpoint.torch_rng[rank].clone())  # own storage
         log.info("resuming DP training at step %d/%d from %s", checkpoint.step, sampler.num_steps, self.directory)
         return checkpoint.step
 

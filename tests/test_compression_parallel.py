@@ -75,3 +75,59 @@ def test_the_ranks_batches_are_one_process_poisson_sample():
         parts = [own_examples(index, rank=r, world=3) for r in range(3)]
         assert sorted(torch.cat(parts).tolist()) == index.tolist()
         assert all(set(a.tolist()).isdisjoint(b.tolist()) for i, a in enumerate(parts) for b in parts[i + 1:])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_two_process_run_interrupted_on_rank_0_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Rank 0 writes one checkpoint with every rank's state; a rerun after rank 0 fails (its workers are stopped)
+    resumes on both ranks and ends where the uninterrupted 2-process run ends."""
+    expected, _ = _train(2, epochs=1.0)  # 3 steps
+
+    def stop(step, metrics):
+        if step == 2:
+            raise Interrupted
+
+    config = TrainConfig(epochs=1.0, batch_size=BATCH, physical_batch_size=4, learning_rate=0.5,
+                         encoder_learning_rate=0.5, processes=2, checkpoint_every=1)
+    with pytest.raises(Interrupted):
+        dp_train(build_tiny(seed=0, dropout=0.0), _data(), config=config, noise_multiplier=1.0, noise_seed=7,
+                 on_step=stop, checkpoint_dir=tmp_path)
+    model = build_tiny(seed=0, dropout=0.0)
+    result = dp_train(model, _data(), config=config, noise_multiplier=1.0, noise_seed=7, checkpoint_dir=tmp_path)
+    assert result.resumed_from == 2 and result.num_steps == 3
+    assert _max_abs_diff(model, expected) < 1e-6
+
+
+def test_a_two_process_stage_records_the_plans_q_in_its_ledger(tmp_path):
+    """tasks.stage.run_dp_stage with train.processes=2: one ledger entry, at the plan's q (the union's), sigma and
+    steps; the model is saved once, by rank 0 (this process)."""
+    from compression.data import save_encoded
+    from compression.methods.full import FullConfig
+    from compression.models import ModelConfig, save_classifier
+    from privacy.config import StageBudget
+    from privacy.ledger import Ledger
+    from tasks import tracking
+    from tasks.refs import DataRef, RunContext
+    from tasks.teacher import train_teacher
+
+    save_classifier(build_tiny(seed=0), None, tmp_path / "base")
+    save_encoded(tmp_path / "data" / "train.pt", _data())
+    data = DataRef(path=str(tmp_path / "data"), fingerprint="f", source_fingerprint="s", task="sst2",
+                   metric="accuracy", num_labels=2, num_train=N, num_dev=0)
+    train = TrainConfig(epochs=1, batch_size=BATCH, physical_batch_size=8, checkpoint_every=1, processes=2)
+    budget = StageBudget(event=train.event(N, noise_multiplier=1.0), mechanism="dp_sgd", target_epsilon=100.0,
+                         delta=1e-3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    context = RunContext(tracking_uri=uri, parent_run_id=tracking.study_run(
+        uri=uri, experiment="e", study_key="parallel", name="study", config={}))
+    ref = train_teacher.fn(stage="teacher", budget=budget, data=data, model=ModelConfig(name_or_path=str(
+        tmp_path / "base")), method=FullConfig(layers=1), train=train, output_dir=str(tmp_path / "out"),
+        context=context)
+    entries = Ledger.load(ref.ledger_path).entries
+    assert len(entries) == 1
+    assert entries[0].sample_rate == budget.event.sample_rate == BATCH / N
+    assert (entries[0].noise_multiplier, entries[0].num_steps) == (1.0, budget.event.num_steps)
+    assert not (tmp_path / "out" / "checkpoint").exists()
