@@ -11,6 +11,7 @@ from compression.train import TrainConfig, dp_train
 from privacy.distributed import own_examples
 from privacy.engine import PoissonSampler
 
+pytestmark = pytest.mark.slow  # each 2-process run spawns an interpreter (~10-20 s on 2 shared cores)
 N = 48
 BATCH = 16  # q = 1/3
 
@@ -27,7 +28,7 @@ def _no_signal(logits, labels, index):
     return logits.sum(-1) * 0.0
 
 
-def _train(processes, *, engine="bookkeeping", noise_seed=7, sigma=1.0, epochs=2.0, loss_fn=None, **train):
+def _train(processes, *, engine="bookkeeping", noise_seed=7, sigma=1.0, epochs=1.0, loss_fn=None, **train):
     model = build_tiny(seed=0, dropout=0.0)  # no dropout: ranks draw dropout from their own seeds
     train = {"learning_rate": 0.5, "encoder_learning_rate": 0.5, **train}
     config = TrainConfig(epochs=epochs, batch_size=BATCH, physical_batch_size=4, engine=engine, processes=processes,
@@ -42,10 +43,16 @@ def _max_abs_diff(a, b):
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
 
 
+@pytest.fixture(scope="module")
+def two_processes():
+    """The seeded 2-process bookkeeping run (3 steps), shared by the equality and the resume tests."""
+    return _train(2)
+
+
 @pytest.mark.parametrize("engine", ["bookkeeping", "ghost", "hooks"])
-def test_two_gloo_processes_give_one_process_weights(engine, caplog):
+def test_two_gloo_processes_give_one_process_weights(engine, two_processes):
     one, result_one = _train(1, engine=engine)
-    two, result_two = _train(2, engine=engine)
+    two, result_two = two_processes if engine == "bookkeeping" else _train(2, engine=engine)
     difference = _max_abs_diff(one, two)
     logging.getLogger(__name__).warning("%s: max |w_1proc - w_2proc| = %.3g", engine, difference)
     assert difference < 1e-5
@@ -81,10 +88,10 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_two_process_run_interrupted_on_rank_0_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_a_two_process_run_interrupted_on_rank_0_resumes_to_the_uninterrupted_weights(tmp_path, two_processes):
     """Rank 0 writes one checkpoint with every rank's state; a rerun after rank 0 fails (its workers are stopped)
     resumes on both ranks and ends where the uninterrupted 2-process run ends."""
-    expected, _ = _train(2, epochs=1.0)  # 3 steps
+    expected, _ = two_processes  # 3 steps
 
     def stop(step, metrics):
         if step == 2:
