@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,17 @@ class KDConfig:
 
 
 def task_loss(num_labels: int) -> LossFn:
-    """Per-example cross-entropy (classification) or squared error (regression, num_labels=1)."""
-    if num_labels == 1:
-        return lambda logits, labels, index: (logits.squeeze(-1) - labels.float()) ** 2
-    return lambda logits, labels, index: F.cross_entropy(logits, labels, reduction="none")
+    """Per-example cross-entropy (classification) or squared error (regression, num_labels=1). Picklable (module-level
+    functions), as a data-parallel stage's loss must be (compression.parallel)."""
+    return _squared_error if num_labels == 1 else _cross_entropy
+
+
+def _squared_error(logits, labels, index):
+    return (logits.squeeze(-1) - labels.float()) ** 2
+
+
+def _cross_entropy(logits, labels, index):
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -55,7 +63,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 def kd_against(teacher_logits: torch.Tensor, config: KDConfig) -> LossFn:
     """A stage's loss: KD against `teacher_logits` `[N, C]` (one row per training example, indexed by the batch's
-    example indices)."""
-    def loss_fn(logits, labels, index):
-        return kd_loss(logits, teacher_logits[index], labels, weight=config.weight, temperature=config.temperature)
-    return loss_fn
+    example indices). Picklable (a partial of a module-level function), for data-parallel stages."""
+    return partial(_kd_against, teacher_logits=teacher_logits, config=config)
+
+
+def _kd_against(logits, labels, index, *, teacher_logits: torch.Tensor, config: KDConfig) -> torch.Tensor:
+    return kd_loss(logits, teacher_logits[index], labels, weight=config.weight, temperature=config.temperature)

@@ -8,8 +8,10 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from privacy.checkpoint import TrainingCheckpoint, data_digest, load_checkpoint, save_checkpoint, tensors_digest
+from privacy.distributed import rank_and_world
 from privacy.engine import PoissonSampler, PrivateModel
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,16 @@ class StageCheckpoints:
         self.every, self.settings = every, settings
 
     def restore(self, model: torch.nn.Module, private: PrivateModel, sampler: PoissonSampler) -> int:
-        """Load a matching checkpoint into model, optimizer, sampler and RNGs; return its step (0: none)."""
+        """Load a matching checkpoint into model, optimizer, sampler and RNGs; return its step (0: none). Data-parallel
+        (privacy.distributed): every rank calls it; rank 0 reads the file and sends it to the others."""
         if self.directory is None:
             return 0
-        checkpoint = load_checkpoint(self.directory, settings=self.settings)
+        rank, world = rank_and_world()
+        checkpoint = load_checkpoint(self.directory, settings=self.settings) if rank == 0 else None
+        if world > 1:
+            box = [checkpoint]
+            dist.broadcast_object_list(box, src=0)
+            checkpoint = box[0]
         if checkpoint is None:
             return 0
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -55,17 +63,27 @@ class StageCheckpoints:
         private.optimizer.load_state_dict(checkpoint.optimizer)
         sampler.load_state_dict(checkpoint.sampler)
         private.noise_generator.set_state(checkpoint.noise_generator)
-        torch.set_rng_state(checkpoint.torch_rng)
+        torch.set_rng_state(checkpoint.torch_rng if world == 1 else checkpoint.torch_rng[rank].clone())  # own storage
         log.info("resuming DP training at step %d/%d from %s", checkpoint.step, sampler.num_steps, self.directory)
         return checkpoint.step
 
     def save(self, step: int, model: torch.nn.Module, private: PrivateModel, sampler: PoissonSampler) -> None:
-        """Checkpoint after `step` if it is a multiple of `checkpoint_every` or the last step."""
+        """Checkpoint after `step` if it is a multiple of `checkpoint_every` or the last step. Data-parallel: every rank
+        calls it; rank 0 writes one file with every rank's dropout RNG state (rows of `torch_rng`), the rest being
+        equal on all ranks (model, optimizer, the shared sampler) or rank 0's alone (the noise generator)."""
         if self.directory is None or (step % self.every and step != sampler.num_steps):
+            return
+        rank, world = rank_and_world()
+        torch_rng = torch.get_rng_state()
+        if world > 1:
+            rows = [torch.empty_like(torch_rng) for _ in range(world)]
+            dist.all_gather(rows, torch_rng)
+            torch_rng = torch.stack(rows)
+        if rank != 0:
             return
         save_checkpoint(self.directory, TrainingCheckpoint(
             step=step, settings=self.settings, sampler=sampler.state_dict(),
             parameters={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             optimizer=private.optimizer.state_dict(),
-            noise_generator=private.noise_generator.get_state(), torch_rng=torch.get_rng_state(),
+            noise_generator=private.noise_generator.get_state(), torch_rng=torch_rng,
             history=[(self.settings["noise_multiplier"], self.settings["sample_rate"], step)]))

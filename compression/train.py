@@ -21,8 +21,10 @@ from compression.data import length_chunks, pad, padded_batches
 from compression.losses import LossFn, task_loss
 from compression.methods import DEFAULT, get_method, stage_plan
 from compression.models import TextClassifier
+from compression.parallel import run_ranks
 from compression.resume import StageCheckpoints, run_settings
 from privacy.accounting import DPEvent
+from privacy.distributed import own_examples, rank_and_world, shared_seed, sum_over_ranks
 from privacy.engine import PoissonSampler, PrivateModel
 from privacy.noise import make_generator
 
@@ -46,6 +48,7 @@ class TrainConfig:
     engine: Literal["ghost", "hooks", "bookkeeping"] = "bookkeeping"  # per-example clipping (privacy.engine)
     clipping: Literal["flat", "per_layer"] = "flat"
     checkpoint_every: int = 50       # steps between crash-safe checkpoints (0: never); needs a checkpoint_dir
+    processes: int = 1               # data-parallel ranks (torch.distributed, compression.parallel); same result
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "physical_batch_size", "learning_rate", "max_grad_norm"):
@@ -54,6 +57,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"processes must be an integer >= 1, got {self.processes!r}")
 
     def sample_rate(self, num_examples: int) -> float:
         return min(1.0, self.batch_size / num_examples)
@@ -154,47 +159,87 @@ def dp_train(model: TextClassifier, data: dict, *, config: TrainConfig, method=D
         raise ValueError(f"method {method.name!r} needs engine {' or '.join(chosen.engines)}, got {config.engine!r}")
     if masks and not chosen.masks:
         raise ValueError(f"method {method.name!r} cannot hold pruning masks (its merge would fill them in)")
-    plan = stage_plan(model, method)
-    directory = checkpoint_dir if config.checkpoint_every else None
-    settings = None if directory is None else run_settings(
+    settings = None if not (checkpoint_dir and config.checkpoint_every) else run_settings(
         model, data, masks, config=config, method=method, noise_multiplier=sigma, sample_rate=q, num_steps=steps,
         secure_mode=secure_mode, seeded=noise_seed is not None)
+    began = time.monotonic()
+    log.info("DP training: n=%d q=%.4g steps=%d sigma=%.4g C=%g processes=%d", n, q, steps, sigma,
+             config.max_grad_norm, config.processes)
+    run = dict(model=model, data=data, config=config, method=method, event=event, loss_fn=loss_fn, masks=masks,
+               secure_mode=secure_mode, noise_seed=noise_seed, checkpoint_dir=checkpoint_dir, settings=settings)
+    if config.processes == 1:
+        resumed_from = train_rank(**run, on_step=on_step)
+    else:
+        resumed_from = run_ranks(train_rank, run, processes=config.processes, on_step=on_step)
+    return TrainResult(num_steps=steps, sample_rate=q, noise_multiplier=sigma,
+                       seconds=time.monotonic() - began, resumed_from=resumed_from)
+
+
+def train_rank(*, model: TextClassifier, data: dict, config: TrainConfig, method, event, loss_fn: LossFn,
+               masks: dict[str, torch.Tensor] | None, secure_mode: bool, noise_seed: int | None,
+               checkpoint_dir: str | Path | None, settings: dict | None,
+               on_step: Callable[[int, dict], None] | None = None) -> int:
+    """`dp_train`'s loop on this process's rank (privacy.distributed; one process: rank 0 of 1, the whole data).
+    Returns the step resumed from. With several ranks, rank i % world holds example i; every rank draws the same
+    Poisson mask (one shared secret seed) and keeps its own examples, rank 0 alone adds noise, only rank 0 calls
+    `on_step` and writes checkpoints; every rank ends with the same model."""
+    rank, world = rank_and_world()
+    labels = torch.as_tensor(data["labels"])
+    n, q, steps, sigma = len(labels), event.sample_rate, event.num_steps, event.noise_multiplier
+    plan = stage_plan(model, method)
+    directory = checkpoint_dir if config.checkpoint_every else None
     checkpoints = StageCheckpoints(directory, every=config.checkpoint_every, settings=settings)
-    hidden = cache_features(plan.module, plan.features, data)
+    mine = own_examples(torch.arange(n), rank=rank, world=world)
+    hidden = _own_features(plan, data, mine)
     lengths = torch.tensor([len(h) for h in hidden])
     private = PrivateModel(plan.module, make_optimizer(plan.module, config), noise_multiplier=sigma,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                            mode=config.engine, clipping=config.clipping, secure_mode=secure_mode,
-                           generator=make_generator(None if noise_seed is None else noise_seed + 1))
+                           generator=make_generator(None if noise_seed is None else noise_seed + 1),
+                           distributed=world > 1)
     # Sampling must be secret for the accountant's guarantee: seeded by the OS unless in the seeded test mode.
-    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps, seed=noise_seed)
-    began = time.monotonic()
-    log.info("DP training: n=%d q=%.4g steps=%d sigma=%.4g C=%g", n, q, steps, sigma, config.max_grad_norm)
-    # Dropout draws from the global RNG, seeded from the config (dropout is not part of the mechanism), so a stage's
-    # result does not depend on what ran before it in the process; the caller's RNG state is restored afterwards.
+    seed = noise_seed if world == 1 else shared_seed(noise_seed)
+    sampler = PoissonSampler(num_examples=n, sample_rate=q, num_steps=steps, seed=seed)
+    # Dropout draws from the global RNG, seeded from the config (dropout is not part of the mechanism; rank r uses
+    # seed + r), so a stage's result does not depend on what ran before it in the process; the caller's RNG state
+    # is restored afterwards.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + rank)
         resumed_from = checkpoints.restore(model, private, sampler)
         plan.module.train()
         try:
             for step, index in enumerate(sampler, start=resumed_from + 1):
-                total = 0.0
-                for chunk in length_chunks(index, lengths, config.physical_batch_size):
+                total = torch.zeros(2, dtype=torch.float64)  # loss sum, examples: progress only
+                for chunk in length_chunks(own_examples(index, rank=rank, world=world), lengths,
+                                           config.physical_batch_size):
                     states, mask = pad([hidden[i] for i in chunk])
                     logits = plan.logits(states, mask)  # hooks live on the submodules
                     losses = loss_fn(logits, labels[chunk], chunk)
-                    total += float(losses.detach().sum())
+                    total += torch.tensor([float(losses.detach().sum()), len(chunk)], dtype=torch.float64)
                     private.backward(losses)
                 private.step()
                 apply_masks(model, masks)
                 checkpoints.save(step, model, private, sampler)
+                sum_over_ranks([total])  # the whole batch's progress figures on rank 0's console
                 if on_step:
-                    on_step(step, {"loss": total / max(1, len(index)), "batch_size": len(index),
+                    on_step(step, {"loss": float(total[0]) / max(1, int(total[1])), "batch_size": int(total[1]),
                                    "num_steps": steps})
         finally:
             private.close()
-    return TrainResult(num_steps=steps, sample_rate=q, noise_multiplier=sigma,
-                       seconds=time.monotonic() - began, resumed_from=resumed_from)
+    return resumed_from
+
+
+def _own_features(plan, data: dict, mine: torch.Tensor) -> list[torch.Tensor]:
+    """The cached features of this rank's examples at their global positions (empty elsewhere)."""
+    if len(mine) == len(data["labels"]):
+        return cache_features(plan.module, plan.features, data)
+    rows = mine.tolist()
+    own = cache_features(plan.module, plan.features, {k: [data[k][i] for i in rows] for k in
+                                                      ("input_ids", "token_type_ids")})
+    hidden = [torch.empty(0)] * len(data["labels"])
+    for i, h in zip(rows, own):
+        hidden[i] = h
+    return hidden
 
 
 def _stage_event(config: TrainConfig, num_examples: int, *, noise_multiplier: float | None,

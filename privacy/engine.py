@@ -15,10 +15,11 @@ from typing import Literal
 import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
-from opacus.optimizers.optimizer import _generate_noise
+from opacus.optimizers.optimizer import _generate_noise, _mark_as_processed
 from torch import nn
 
 from privacy.bookkeeping import BookKeeping
+from privacy.distributed import draws_noise, sum_over_ranks
 from privacy.noise import make_generator
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,17 @@ class PrivateModel:
         generator: the noise generator; None (the default) seeds a fresh one from the OS. Pass one only to resume
             a stream (its state from a checkpoint) or in tests: noise reproducible from anything public voids the
             guarantee.
+        distributed: data-parallel over the initialised torch.distributed group (privacy.distributed): each rank
+            calls `backward` on its own examples and every rank calls `step` together; `step` sums the ranks' clipped
+            sums (one all-reduce) with the noise of rank 0 alone (drawn once per step) and every rank applies the same
+            update. `expected_batch_size` is then the whole logical batch's (all ranks together).
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int,
                  mode: Literal["ghost", "hooks", "bookkeeping"] = "ghost",
                  clipping: Literal["flat", "per_layer"] = "flat", secure_mode: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, distributed: bool = False):
         if noise_multiplier < 0 or max_grad_norm <= 0:
             raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
                              f"{max_grad_norm}")
@@ -102,6 +107,8 @@ class PrivateModel:
         if mode == "ghost" and clipping != "flat":
             raise ValueError("mode='ghost' supports clipping='flat' only; use mode='hooks' or 'bookkeeping' for "
                              "per_layer")
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
         # Seeded from the OS, never from the (public) config; torchcsprng has no build for this torch.
         generator = generator if generator is not None else make_generator()
         self.mode, self.clipping = mode, clipping
@@ -109,6 +116,8 @@ class PrivateModel:
         self._backend = _BACKENDS[mode](module, optimizer, noise_multiplier=noise_multiplier,
                                         max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
                                         clipping=clipping, secure_mode=secure_mode, generator=generator)
+        if distributed:
+            _noise_once(self._backend)
         self.module, self.optimizer = self._backend.module, self._backend.optimizer
 
     @property
@@ -251,16 +260,25 @@ class _BookKeepingBackend:
             raise ValueError(f"optimizer parameters {missing} are not trainable parameters of the module")
         self.noise_std, self.expected_batch_size, self.secure_mode = (
             noise_multiplier * max_grad_norm, expected_batch_size, secure_mode)
+        self.distributed = False  # set by _noise_once
 
     def backward(self, loss_per_example: torch.Tensor) -> None:
         self.clipper.backward(loss_per_example)
 
     def step(self) -> None:
         summed = self.clipper.pop_clipped_sum()
+        noised = []
         for p in self.params:
+            if self.distributed and not draws_noise():
+                noised.append(summed[p].clone())
+                continue
             noise = _generate_noise(std=self.noise_std, reference=summed[p], generator=self.generator,
                                     secure_mode=self.secure_mode)
-            p.grad = (summed[p] + noise) / self.expected_batch_size
+            noised.append(summed[p] + noise)
+        if self.distributed:
+            sum_over_ranks(noised)
+        for p, value in zip(self.params, noised):
+            p.grad = value / self.expected_batch_size
         self.optimizer.step()
         self.optimizer.zero_grad()
 
@@ -271,6 +289,27 @@ class _BookKeepingBackend:
         self.clipper.close()
         for p in self.params:
             p.grad = None
+
+
+def _noise_once(backend) -> None:
+    """Make `backend` data-parallel: its step sums the ranks' clipped sums, rank 0's alone noised (privacy.distributed).
+    Opacus' optimizers get it in `add_noise` (after their clipping and accumulation, before their scaling by the
+    expected batch size); book-keeping in its own step."""
+    if isinstance(backend, _BookKeepingBackend):
+        backend.distributed = True
+        return
+    optimizer, own = backend.optimizer, backend.optimizer.add_noise
+
+    def add_noise() -> None:
+        if draws_noise():
+            own()
+        else:
+            for p in optimizer.params:
+                p.grad = p.summed_grad.clone().view_as(p)
+                _mark_as_processed(p.summed_grad)
+        sum_over_ranks([p.grad for p in optimizer.params])
+
+    optimizer.add_noise = add_noise
 
 
 _BACKENDS = {
