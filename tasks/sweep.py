@@ -32,8 +32,8 @@ class Cell:
 @dataclass(frozen=True, kw_only=True)
 class CellRun:
     """A cell's flow run once final: its state, and where the time went (wall_s: from creating the run to seeing it
-    final; run_s: the study flow's own running time, server clock; overhead_s: the difference, i.e. scheduling,
-    worker pickup, process start and code import, and the result exchange)."""
+    final; run_s: the study flow's own running time, server clock; overhead_s: the difference; of it, pickup_s is
+    scheduling, worker pickup, process start and the import of the flow's code, server clock)."""
 
     flow_run_id: str
     flow_run_name: str
@@ -41,6 +41,7 @@ class CellRun:
     message: str
     wall_s: float
     run_s: float
+    pickup_s: float
 
     @property
     def overhead_s(self) -> float:
@@ -77,11 +78,12 @@ def wait_for_cells(*, started: list[tuple[str, float]], timeout_s: float | None 
             for run in runs:
                 if run.state is not None and run.state.is_final():
                     began = dict(started)[str(run.id)]
-                    run_s = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time \
-                        else 0.0
-                    done[str(run.id)] = CellRun(flow_run_id=str(run.id), flow_run_name=run.name,
-                                                state=run.state.type.value, message=run.state.message or "",
-                                                wall_s=now - began, run_s=run_s)
+                    ran = run.start_time and run.end_time
+                    done[str(run.id)] = CellRun(
+                        flow_run_id=str(run.id), flow_run_name=run.name, state=run.state.type.value,
+                        message=run.state.message or "", wall_s=now - began,
+                        run_s=(run.end_time - run.start_time).total_seconds() if ran else 0.0,
+                        pickup_s=(run.start_time - run.created).total_seconds() if ran else 0.0)
             if len(done) < len(ids):
                 time.sleep(POLL_S)
     return [done[i] for i in ids]
@@ -102,7 +104,8 @@ def sweep_table(*, cells: list[Cell], runs: list[CellRun], tracking_uri: str, pa
     table's rows."""
     timings = pd.DataFrame([{"cell": c.study, **{k: str(v) for k, v in c.values.items()}, "state": r.state,
                              "flow_run": r.flow_run_name, "wall_s": round(r.wall_s, 1), "run_s": round(r.run_s, 1),
-                             "overhead_s": round(r.overhead_s, 1)} for c, r in zip(cells, runs)])
+                             "overhead_s": round(r.overhead_s, 1), "pickup_s": round(r.pickup_s, 1)}
+                            for c, r in zip(cells, runs)])
     completed = [c for c, r in zip(cells, runs) if r.state == "COMPLETED"]
     tables = [pd.read_csv(Path(c.study_dir) / "results" / "results.csv") for c in completed]
     frame = sweep_frame([{"cell": c.study, **c.values} for c in completed], tables)

@@ -90,7 +90,7 @@ def test_sweep_deployment_runs_cells_on_two_workers_and_reruns_from_cache(tmp_pa
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("dpcompress-sweep/sweep")
         began = time.monotonic()
-        sweep_run, cells = _run_sweep(client, deployment.id, config, processes)
+        _, cells = _run_sweep(client, deployment.id, config, processes)
         print(f"sweep of {len(GRID['privacy.epsilon'])} cells: {time.monotonic() - began:.0f}s to COMPLETED")
         assert len(cells) == 3 and all(c.state.is_completed() for c in cells), [c.state_name for c in cells]
         assert {c.deployment_id for c in cells} == {client.read_deployment_by_name("dpcompress-study/study").id}
@@ -102,7 +102,8 @@ def test_sweep_deployment_runs_cells_on_two_workers_and_reruns_from_cache(tmp_pa
         results = tmp_path / "shared" / "tiny-sweep" / "results"
         with open(results / "cells.csv") as f:
             timings = list(csv.DictReader(f))
-        print("cells (wall_s, run_s, overhead_s):", [(t["wall_s"], t["run_s"], t["overhead_s"]) for t in timings])
+        print("cells (wall_s, run_s, overhead_s, pickup_s):",
+              [(t["wall_s"], t["run_s"], t["overhead_s"], t["pickup_s"]) for t in timings])
         assert [t["state"] for t in timings] == ["COMPLETED"] * 3
         with open(results / "sweep.csv") as f:
             table = list(csv.DictReader(f))
@@ -124,6 +125,9 @@ def test_sweep_deployment_runs_cells_on_two_workers_and_reruns_from_cache(tmp_pa
         began = time.monotonic()
         _, again = _run_sweep(client, deployment.id, config, processes)
         print(f"rerun: {time.monotonic() - began:.0f}s to COMPLETED")
+        with open(results / "cells.csv") as f:
+            print("rerun cells (wall_s, run_s, overhead_s, pickup_s):",
+                  [(t["wall_s"], t["run_s"], t["overhead_s"], t["pickup_s"]) for t in csv.DictReader(f)])
         assert len(again) == 3 and all(c.state.is_completed() for c in again)
         with DatasetLedger(tmp_path / "shared" / "ledger.db", create=False) as ledger:
             assert len(ledger.history()) == 3, "a rerun of a finished sweep trains nothing, spends nothing"
