@@ -74,3 +74,64 @@ def write_results(rows: list[dict], directory: str | Path, *, metric: str, foote
         files["memory_plot"] = plot(frame[frame["train_peak_mb"].notna()], x="train_peak_mb", y=metric,
                                     path=directory / "memory_vs_metric.png")
     return files
+
+
+# --- a sweep: the results tables of many studies (cells of a grid) side by side -------------------------------------
+
+def sweep_frame(cells: list[dict], tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per model of every cell: the cell's grid values (`cells[i]`, e.g. {"privacy.epsilon": 4}) then its
+    results table (`tables[i]`, as results_frame writes it). A grid key that is also a results column (none today)
+    keeps the results' value."""
+    parts = [table.assign(**{k: _scalar(v) for k, v in values.items() if k not in table}) for values, table in
+             zip(cells, tables)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    keys = [k for k in dict.fromkeys(k for values in cells for k in values) if k in frame]
+    return frame[["cell", *[k for k in keys if k != "cell"], *[c for c in frame if c not in {"cell", *keys}]]]
+
+
+def _scalar(value):
+    """A grid value as one table cell (a list such as a sparsity schedule becomes its text)."""
+    return value if isinstance(value, int | float | str | bool) else str(value)
+
+
+def plot_by_stage(frame: pd.DataFrame, *, x: str, y: str, path: Path) -> Path:
+    """`y` against `x`, one line per stage name (the same model of every cell, e.g. teacher, prune_3, distill),
+    points in order of x; models with infinite or missing x are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = frame[pd.to_numeric(frame[x], errors="coerce").map(lambda v: math.isfinite(v))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stage, points in data.groupby("stage", sort=False):
+        points = points.sort_values(x)
+        ax.plot(points[x], points[y], marker="o", label=str(stage))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    if len(data):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_sweep(frame: pd.DataFrame, directory: str | Path, *, metric: str) -> dict[str, Path]:
+    """sweep.csv, sweep.md and the privacy-utility plots of a sweep in `directory`: the metric against epsilon and
+    against size (non-zero parameters, so pruned models count their kept weights), one line per stage."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = frame.copy()
+    if "parameters" in frame:
+        nonzero = frame["nonzero_parameters"] if "nonzero_parameters" in frame else frame["parameters"]
+        frame["size_parameters"] = pd.to_numeric(nonzero, errors="coerce").fillna(frame["parameters"])
+    files = {"csv": directory / "sweep.csv", "markdown": directory / "sweep.md"}
+    frame.to_csv(files["csv"], index=False)
+    atomic.write_text(files["markdown"], to_markdown(frame) + "\n")
+    files["epsilon_plot"] = plot_by_stage(frame, x="epsilon", y=metric, path=directory / "metric_vs_epsilon.png")
+    if "size_parameters" in frame:
+        files["size_plot"] = plot_by_stage(frame, x="size_parameters", y=metric,
+                                           path=directory / "metric_vs_size.png")
+    return files

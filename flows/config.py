@@ -166,6 +166,28 @@ class TrackingSection(_Section):
     register_stage: str | None = None
 
 
+class ExecutionSection(_Section):
+    """Where a study's independent model lines (privacy.scope: line) run: one after another in the flow's process
+    (the default), or concurrently on a Dask cluster through prefect-dask: `dask`, a running scheduler's address
+    (its workers need dpcompress, the data, $DPCOMPRESS_HOME and $PREFECT_API_URL), or `local_workers`, a local
+    cluster of that many single-thread worker processes. Changes no result (not in any cache key)."""
+    dask: str | None = None
+    local_workers: int | None = None
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> ExecutionSection:
+        if self.dask is not None and self.local_workers is not None:
+            raise ValueError("set execution.dask (a running cluster) or execution.local_workers (a local one), "
+                             "not both")
+        if self.local_workers is not None and self.local_workers < 1:
+            raise ValueError(f"execution.local_workers must be >= 1, got {self.local_workers}")
+        return self
+
+    @property
+    def concurrent(self) -> bool:
+        return self.dask is not None or self.local_workers is not None
+
+
 class StudyConfig(_Section):
     name: str = "study"
     output_dir: str = "runs"
@@ -180,6 +202,7 @@ class StudyConfig(_Section):
     finetune: FinetuneSection = FinetuneSection()
     profile: ProfileSection = ProfileSection()
     tracking: TrackingSection = TrackingSection()
+    execution: ExecutionSection = ExecutionSection()
 
     @model_validator(mode="after")
     def _students_follow_one_line(self) -> StudyConfig:
@@ -187,6 +210,14 @@ class StudyConfig(_Section):
                 and self.distill.after == "prune":
             raise ValueError("distill.after: prune needs prune.layout: chain (with per_target there is no single "
                              "pruning line to follow); set distill.after: teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _concurrent_lines_are_independent(self) -> StudyConfig:
+        if self.execution.concurrent and self.privacy.scope != "line":
+            raise ValueError("execution runs independent model lines concurrently, and with privacy.scope: study "
+                             "every stage extends the ledger of the stage before it, across lines; set "
+                             "privacy.scope: line, or remove execution")
         return self
 
     @model_validator(mode="after")
@@ -225,7 +256,7 @@ def study_key(cfg: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_NOT_IN_STUDY_KEY = frozenset({"tracking", "checkpoint_every"})
+_NOT_IN_STUDY_KEY = frozenset({"tracking", "checkpoint_every", "execution"})
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | None = None) -> StudyConfig:

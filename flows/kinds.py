@@ -180,17 +180,32 @@ KINDS: dict[str, StageKind] = {
 def run_lines(run: Run) -> list[ModelRef]:
     """Every line from the DP teacher, stage after stage; returns the models, in run order. Scope "study": each stage
     extends the ledger of the stage run before it, across lines, so the last one covers the whole study; scope
-    "line": its own line's (a line independent of the teacher starts a ledger of its own)."""
+    "line": its own line's (a line independent of the teacher starts a ledger of its own), so lines are independent
+    and run concurrently where `execution` names a Dask cluster."""
     from flows.plan import model_lines
 
+    lines = list(model_lines(run.cfg).values())
+    if run.cfg.privacy.scope == "line" and run.cfg.execution.concurrent and len(lines) > 1:
+        from flows.execution import run_concurrently
+
+        return run_concurrently(lines, run)
     models, last = [], run.teacher
-    for line in model_lines(run.cfg).values():
-        state = LineState(model=run.teacher, ledger_from=None if line[0].independent else run.teacher)
-        for stage in line:
-            if run.cfg.privacy.scope == "study":
-                state = dataclasses.replace(state, ledger_from=last)
-            state = KINDS[stage.kind].run(stage, state, run)
-            last = state.ledger_from
-            if state.model.stage == stage.name:  # a model stage (not a statistics release)
-                models.append(state.model)
+    for line in lines:
+        line_models, last = run_line(line, run, last)
+        models += line_models
     return models
+
+
+def run_line(line: list[Stage], run: Run, last: ModelRef | StatsRef) -> tuple[list[ModelRef], ModelRef | StatsRef]:
+    """One line's stages from the DP teacher: (its models, the last ledger it wrote). `last`: the ledger the line's
+    stages extend under scope "study" (the stage run before)."""
+    models = []
+    state = LineState(model=run.teacher, ledger_from=None if line[0].independent else run.teacher)
+    for stage in line:
+        if run.cfg.privacy.scope == "study":
+            state = dataclasses.replace(state, ledger_from=last)
+        state = KINDS[stage.kind].run(stage, state, run)
+        last = state.ledger_from
+        if state.model.stage == stage.name:  # a model stage (not a statistics release)
+            models.append(state.model)
+    return models, last

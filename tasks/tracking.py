@@ -40,9 +40,10 @@ def experiment_id(uri: str, name: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
 
 
-def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: dict) -> str:
-    """The parent run of a study: reused when the same study (same config) is run or resumed again. Stage runs an
-    earlier, killed run left RUNNING are marked KILLED (nothing of a killed stage is released)."""
+def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: dict, kind: str = "study") -> str:
+    """The parent run of a study (or of a sweep of studies, `kind`): reused when the same study (same config) is run
+    or resumed again. Stage runs an earlier, killed run left RUNNING are marked KILLED (nothing of a killed stage is
+    released)."""
     mlflow_client = client(uri)
     exp = experiment_id(uri, experiment)
     runs = mlflow_client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{study_key}'", max_results=1)
@@ -54,7 +55,7 @@ def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: d
             mlflow_client.set_terminated(orphan.info.run_id, "KILLED")
         mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
-    run = mlflow_client.create_run(exp, run_name=name, tags={STUDY_TAG: study_key, "dpcompress.kind": "study"})
+    run = mlflow_client.create_run(exp, run_name=name, tags={STUDY_TAG: study_key, "dpcompress.kind": kind})
     _log_dict(mlflow_client, run.info.run_id, config, "config.json")
     for key, value in _flatten(config).items():
         mlflow_client.log_param(run.info.run_id, key, str(value)[:500])

@@ -9,20 +9,26 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_PASSWORD = re.compile(r"^\$\{POSTGRES_PASSWORD:\?[^}]+\}$")
 
 
-def test_prefect_deployment_entrypoint_and_parameters_match_the_flow():
-    spec = yaml.safe_load((ROOT / "flows/prefect.yaml").read_text())
-    (deployment,) = spec["deployments"]
-    module_path, name = deployment["entrypoint"].split(":")
-    assert (ROOT / module_path).exists()
-    import flows.study
+def test_prefect_deployments_entrypoints_and_parameters_match_the_flows():
+    import importlib
 
-    flow = getattr(flows.study, name)
-    params = inspect.signature(flow.fn).parameters
-    assert set(deployment["parameters"]) <= set(params)
-    assert (ROOT / deployment["parameters"]["config_path"]).exists()
-    assert deployment["enforce_parameter_schema"] is True  # the server refuses a parameter of the wrong type
-    for param in params:  # the UI's form shows each parameter's description
-        assert f"{param}:" in flow.fn.__doc__.split("Args:")[1], param
+    spec = yaml.safe_load((ROOT / "flows/prefect.yaml").read_text())
+    assert [d["name"] for d in spec["deployments"]] == ["study", "sweep"]
+    for deployment in spec["deployments"]:
+        module_path, name = deployment["entrypoint"].split(":")
+        assert (ROOT / module_path).exists()
+        flow = getattr(importlib.import_module(module_path.removesuffix(".py").replace("/", ".")), name)
+        params = inspect.signature(flow.fn).parameters
+        assert set(deployment["parameters"]) <= set(params)
+        assert (ROOT / deployment["parameters"]["config_path"]).exists()
+        assert deployment["enforce_parameter_schema"] is True  # the server refuses a parameter of the wrong type
+        assert deployment["work_pool"]["name"] == "dpcompress"
+        for param in params:  # the UI's form shows each parameter's description
+            assert f"{param}:" in flow.fn.__doc__.split("Args:")[1], param
+    import flows.study
+    import flows.sweep
+
+    assert f"{flows.study.study.name}/{spec['deployments'][0]['name']}" == flows.sweep.STUDY_DEPLOYMENT
 
 
 def test_deployment_working_directory_comes_from_the_worker_environment():

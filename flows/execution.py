@@ -1,0 +1,47 @@
+"""Concurrent model lines: each independent line of a study (privacy.scope: line) is one Prefect task submitted to
+prefect-dask's DaskTaskRunner (a running Dask scheduler, or a local cluster of single-thread worker processes); its
+stages run inside it, in a Dask worker process, as they would in the flow's process. Not here: what a line runs
+(flows/kinds.py). The dataset ledger keeps concurrent stages race-free (an exclusive transaction per check)."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.futures import wait
+
+from flows.config import ExecutionSection
+from flows.kinds import Run, run_line
+from flows.plan import Stage
+from tasks.caching import NOT_CACHED
+from tasks.refs import ModelRef
+
+# every worker process computes on one core: N workers use N cores, without torch's threads fighting over them
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@task(name="model_line", **NOT_CACHED)
+def model_line(*, stages: list[Stage], run: Run) -> list[ModelRef]:
+    """One independent line, in a Dask worker: its models in run order."""
+    return run_line(stages, run, run.teacher)[0]
+
+
+def task_runner(execution: ExecutionSection):
+    """The DaskTaskRunner `execution` names. A local cluster's workers get this process's Prefect API (they would
+    otherwise each start a temporary server of their own) and one thread each."""
+    from prefect.settings import get_current_settings
+    from prefect_dask import DaskTaskRunner
+
+    if execution.dask is not None:
+        return DaskTaskRunner(address=execution.dask)
+    api = get_current_settings().api.url
+    env = {**ONE_THREAD, **({"PREFECT_API_URL": str(api)} if api else {})}
+    return DaskTaskRunner(cluster_kwargs={"n_workers": execution.local_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None, "env": env})
+
+
+def run_concurrently(lines: list[list[Stage]], run: Run) -> list[ModelRef]:
+    """Every line at once on the cluster; the models in line order (the sequential run's order). A failed line
+    fails the study after every other line has finished (their stages are kept for the rerun)."""
+    with task_runner(run.cfg.execution) as runner:
+        futures = [runner.submit(model_line, parameters={"stages": line, "run": run}) for line in lines]
+        wait(futures)
+        results = [future.result() for future in futures]  # raises the first failed line's error
+    return [model for models in results for model in models]

@@ -1,0 +1,94 @@
+"""Concurrent model lines: the `execution` section, and a scope-line study whose 2 lines run on a local Dask cluster of
+2 single-thread workers (prefect-dask) with the same ledgers, models and results as the sequential run."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+
+
+def _config(tmp_path: Path, model: str = "all-minilm-l6-v2", uri: str = "sqlite:///x.db") -> Path:
+    cfg = yaml.safe_load((ROOT / "flows/configs/quickstart.yaml").read_text())
+    small = {"epochs": 1, "batch_size": 16, "physical_batch_size": 8}
+    cfg.update(name="lines", output_dir=str(tmp_path / "runs"), model={"name_or_path": model})
+    cfg["data"].update(dir=str(GLUE), max_train_examples=48, max_eval_examples=32)
+    cfg["prune"]["enabled"] = False
+    cfg["distill"].update(inits=["every_other", "random"], after="teacher")
+    for section in ("teacher", "distill"):
+        cfg[section].update(train=small, method={"name": "full", "layers": 2})
+    cfg["privacy"].update(scope="line", reproducible_noise=True, dataset_budget=100.0,
+                          dataset_ledger=str(tmp_path / "ledger.db"))
+    cfg["tracking"] = {"uri": uri, "experiment": "lines"}
+    path = tmp_path / "lines.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(("sets", "says"), [
+    (["execution.dask=tcp://127.0.0.1:8786", "execution.local_workers=2"], "not both"),
+    (["execution.local_workers=0"], ">= 1"),
+    (["execution.local_workers=2", "privacy.scope=study"], "set privacy.scope: line"),
+    (["execution.workers=2"], "execution.workers: unknown key"),
+])
+def test_execution_section_refuses_what_cannot_run(tmp_path, sets, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(_config(tmp_path), sets)
+
+
+def test_execution_changes_no_study_key(tmp_path):
+    from flows.config import study_key
+
+    path = _config(tmp_path)
+    assert study_key(load_config(path)) == study_key(load_config(path, ["execution.local_workers=2"]))
+    assert load_config(path, ["execution.local_workers=2"]).execution.concurrent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")
+def test_lines_on_a_local_dask_cluster_match_the_sequential_run(tmp_path, mlflow_server, prefect_backend):
+    from transformers import AutoTokenizer
+
+    from compression.models import build_tiny, resolve_model_path, save_classifier
+    from flows.study import study
+    from privacy.dataset_ledger import DatasetLedger
+
+    model = tmp_path / "tiny-bert"
+    save_classifier(build_tiny(vocab_size=30522, hidden_size=32, num_layers=4, intermediate_size=64, seed=0),
+                    AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), model)
+    path = _config(tmp_path, str(model), mlflow_server)
+    seconds, rows = {}, {}
+    for name, sets in (("sequential", []), ("dask", ["execution.local_workers=2"])):
+        began = time.monotonic()
+        rows[name] = study(config_path=str(path), overrides=[f"name={name}", *sets])
+        seconds[name] = time.monotonic() - began
+    print(f"study wall time: sequential {seconds['sequential']:.0f}s, 2 Dask workers {seconds['dask']:.0f}s")
+
+    assert [r["stage"] for r in rows["dask"]] == ["teacher", "distill_every_other", "distill_random"]
+    # metrics, sizes, epsilon. (Models are not bitwise equal: a student's fresh head draws from the process's global
+    # torch generator, which differs between a Dask worker and this process; the noise is seeded in this test mode.)
+    assert rows["dask"] == rows["sequential"]
+    for stage in ("distill_every_other", "distill_random"):
+        folders = {name: list((tmp_path / "runs" / name / "stages").glob(f"{stage}-*")) for name in rows}
+        (seq,), (par,) = folders["sequential"], folders["dask"]  # keys differ: the upstream teacher's path does
+        ledgers = [[{k: v for k, v in e.items() if k not in ("timestamp", "created_at")}
+                    for e in json.loads((f / "ledger.json").read_text())["entries"]] for f in (seq, par)]
+        assert ledgers[0] == ledgers[1] and [e["stage"] for e in ledgers[0]] == ["teacher", stage]
+    with DatasetLedger(tmp_path / "ledger.db", create=False) as ledger:
+        spent = ledger.history()
+        assert ledger.release(run_id="none") == 0
+    by_study = {name: sorted(r.stage for r in spent if r.study == name) for name in rows}
+    assert by_study == {name: ["distill_every_other", "distill_random", "teacher"] for name in rows}
+    # who charged each release (host:pid): the sequential lines this process, the concurrent ones two Dask workers
+    pids = {name: {r.stage: int(r.owner.rsplit(":", 1)[1]) for r in spent if r.study == name} for name in rows}
+    assert set(pids["sequential"].values()) == {os.getpid()} and pids["dask"]["teacher"] == os.getpid()
+    workers = {pids["dask"]["distill_every_other"], pids["dask"]["distill_random"]}
+    assert os.getpid() not in workers and len(workers) == 2, pids
