@@ -22,8 +22,9 @@ class TextClassifier(PythonModel):
 
     def load_context(self, context) -> None:
         folder = context.artifacts["model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        # the folder's own modeling file (written by dpcompress with the model) builds the classifier
+        # the folder's own modeling file (written by dpcompress with the model) builds the classifier; its config,
+        # which the tokenizer reads too, names it (without trust_remote_code transformers would ask on stdin)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
