@@ -25,6 +25,9 @@ class TextClassifier(PythonModel):
         # the folder's own modeling file (written by dpcompress with the model) builds the classifier; its config,
         # which the tokenizer reads too, names it (without trust_remote_code transformers would ask on stdin)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        if self.tokenizer.pad_token is None:  # e.g. GPT-2's: padding reaches no pooled position (right padding)
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "right"  # what the exported model expects
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

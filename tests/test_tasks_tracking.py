@@ -141,6 +141,19 @@ def test_the_release_is_registered_as_the_champion_with_its_guarantee_and_label_
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert "+" not in (folder / "requirements.txt").read_text()  # pins that resolve on PyPI (no local labels)
     assert not [m for m in released["logged"] if "pickle" in m.lower()]
+    assert not [m for m in released["logged"] if "Failed to validate" in m]  # MLflow ran it on the input example
+
+
+def test_the_champion_loads_without_a_question_and_names_its_labels(released, capsys):
+    import pandas as pd
+
+    local = mlflow.artifacts.download_artifacts("models:/tiny-sst2@champion", tracking_uri=released["uri"],
+                                                dst_path=str(released["root"] / "load"))
+    answer = mlflow.pyfunc.load_model(local).predict(pd.DataFrame({"text": ["a moving film", "a dull mess", "ok"]}))
+    assert list(answer.columns) == ["label", "score"] and len(answer) == 3
+    assert set(answer["label"]) <= {"negative", "positive"}
+    shown = capsys.readouterr()
+    assert "custom code" not in shown.out + shown.err  # transformers asks (on stdin) unless the code is trusted
 
 
 def test_a_rerun_keeps_the_version_and_moves_the_champion_back_to_it(released):
