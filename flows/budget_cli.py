@@ -160,8 +160,10 @@ def cmd_plan(args) -> int:
 def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
     """The dataset ledger's spent `rows` as plain values: each release's epsilon alone (at its own delta and
     accountant; None for a non-private one) and, per dataset, its private releases composed at the largest delta
-    recorded, with `accountant` (default: that of the dataset's latest private release)."""
+    recorded, with `accountant` (default: that of the dataset's latest private release). A use under a local
+    guarantee (a `dx` row: split fine-tuning) has no epsilon; its eta and guarantee are listed, never composed."""
     from privacy.accounting import compose_epsilon
+    from privacy.ledger_store import NONPRIVATE
 
     releases, by_dataset = [], {}
     for row in rows:
@@ -169,7 +171,8 @@ def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
         releases.append({
             "dataset": row.dataset, "study": row.study, "stage": row.stage, "mechanism": row.mechanism,
             "epsilon": None if event is None else compose_epsilon([event], delta=row.delta, accountant=row.accountant),
-            "delta": row.delta, "accountant": row.accountant, "noise": row.noise, "date": row.spent_at})
+            "delta": row.delta, "accountant": row.accountant, "noise": row.noise, "date": row.spent_at,
+            "eta": row.eta, "guarantee": row.guarantee})
         by_dataset.setdefault(row.dataset, []).append(row)
     datasets = {}
     for name, group in by_dataset.items():
@@ -180,7 +183,9 @@ def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
             largest = max(r.delta for r in private)
             total = {"epsilon": compose_epsilon([r.event for r in private], delta=largest, accountant=chosen),
                      "delta": largest, "accountant": chosen}
-        datasets[name] = total | {"releases": len(private), "nonprivate_releases": len(group) - len(private),
+        local = sum(r.event is None and r.mechanism != NONPRIVATE for r in group)
+        datasets[name] = total | {"releases": len(private), "local_releases": local,
+                                  "nonprivate_releases": len(group) - len(private) - local,
                                   "sampling": SAMPLING, "unit": UNIT}
     return {"ledger": ledger, "releases": releases, "datasets": datasets}
 
@@ -189,20 +194,29 @@ def format_spent(values: dict) -> str:
     if not values["releases"]:
         which = f" for dataset {values['dataset']}" if values.get("dataset") else ""
         return f"no releases recorded{which} in {values['ledger']}"
-    rows = [r | {"dataset": r["dataset"][:12], "epsilon": "inf" if r["epsilon"] is None else r["epsilon"],
+    rows = [r | {"dataset": r["dataset"][:12], "epsilon": _epsilon_cell(r),
                  "date": (r["date"] or "")[:16].replace("T", " ")} for r in values["releases"]]
     lines = [f"releases in {values['ledger']} (epsilon of each release alone, at its own delta):",
              format_table([{k: r[k] for k in ("dataset", "study", "stage", "epsilon", "delta", "mechanism",
                                                "noise", "date")} for r in rows])]
     for name, total in values["datasets"].items():
-        nonprivate = total["nonprivate_releases"]
+        nonprivate, local = total["nonprivate_releases"], total.get("local_releases", 0)
         note = f"; plus {nonprivate} non-private release(s), which carry no guarantee" if nonprivate else ""
+        note += (f"; plus {local} use(s) under a local d_chi guarantee per token representation (eta listed; no "
+                 "central DP, never composed)" if local else "")
         if total["epsilon"] is None:
             lines.append(f"dataset {name}: no private release{note}")
         else:
             lines.append(f"dataset {name}: epsilon = {total['epsilon']:.4f} {_guarantee(total)} over "
                          f"{total['releases']} private release(s), composed{note}")
     return "\n".join(lines)
+
+
+def _epsilon_cell(release: dict) -> str | float:
+    """A release's epsilon, or what stands for it: "inf" (no guarantee), "local eta=E" (a d_chi use)."""
+    if release["epsilon"] is not None:
+        return release["epsilon"]
+    return f"local eta={release['eta']:g}" if release.get("eta") is not None else "inf"
 
 
 def cmd_spent(args) -> int:
