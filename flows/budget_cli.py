@@ -125,7 +125,16 @@ def plan_values(cfg, num_train: int) -> dict:
             "epsilon": total if budget.scope == "study" else max(r["epsilon"] for r in rows),
             "epsilon_all_models": total, "target_epsilon": budget.epsilon, "delta": first.delta,
             "delta_is_default": budget.delta is None, "accountant": budget.accountant,
-            "sampling": SAMPLING, "unit": UNIT}
+            "sampling": SAMPLING, "unit": UNIT, "uncomposed": _split_stages(cfg)}
+
+
+def _split_stages(cfg) -> list[dict]:
+    """The split branch's stages (flows/config_split.py): private data under local d_chi noise, no epsilon."""
+    from flows.config_split import split_configs
+
+    configs = split_configs(cfg.split) if cfg.split.enabled else {}
+    return [{"stage": name, "mechanism": "nonprivate" if math.isinf(c.dx.eta) else "dx",
+             "eta": None if math.isinf(c.dx.eta) else c.dx.eta} for name, c in configs.items()]
 
 
 def format_plan(values: dict) -> str:
@@ -142,7 +151,18 @@ def format_plan(values: dict) -> str:
          if values["scope"] == "study" else
          f"each line: epsilon <= {values['epsilon']:.4f} (target {values['target_epsilon']:g}); releasing every "
          f"line's models together: epsilon = {values['epsilon_all_models']:.4f} ") + _guarantee(values, note),
+        *_uncomposed_note(values.get("uncomposed", [])),
     ])
+
+
+def _uncomposed_note(stages: list[dict]) -> list[str]:
+    if not stages:
+        return []
+    etas = sorted({s["eta"] for s in stages if s["eta"] is not None})
+    return [f"plus {len(stages)} split stage(s) on the same data, not central DP and never composed into epsilon: "
+            f"local d_chi noise per token representation at eta {', '.join(f'{e:g}' for e in etas) or '-'}, "
+            f"{sum(s['eta'] is None for s in stages)} without noise (no guarantee); training labels cross to the "
+            "vendor as is (recorded in the dataset ledger with their eta)"]
 
 
 def cmd_plan(args) -> int:

@@ -61,4 +61,5 @@ def test_the_table_and_the_plot_are_written(tmp_path):
                               "accuracy_cost"]
     assert [r["stage"] for r in table] == [r["stage"] for r in RESULTS]
     markdown = written["markdown"].read_text()
-    assert "| split_k0_plain | 0 | inf |" in markdown and "Top-1 token recovery without noise" in markdown
+    assert "| split_k0_plain | 0 | inf | off |" in markdown and "| split_k2_eta50_cti | 2 | 50 | on |" in markdown
+    assert "Top-1 token recovery without noise" in markdown

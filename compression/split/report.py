@@ -72,6 +72,7 @@ def write_split_results(rows: list[dict], directory: str | Path, *, metric: str)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).rename(columns={"metric": metric})
+    frame["cti"] = frame["cti"].map({True: "on", False: "off"})
     out = {"csv": directory / "split.csv", "markdown": directory / "split.md", "plot": directory / "accuracy_vs_ep.png"}
     frame.to_csv(out["csv"], index=False)
     atomic.write_text(out["markdown"], to_markdown(frame) + f"\n\n{summary(rows, metric=metric)}\n")
