@@ -87,7 +87,10 @@ def _record_use(context: RunContext, stage: str, stage_key: str, record: dict) -
 
 
 def _tags(record: dict) -> dict:
-    return {"guarantee": LOCAL if record["mechanism"] == "dx" else NONE, "central_dp": "none",
+    said = LOCAL if record["mechanism"] == "dx" else NONE
+    if record["noise"] == "seeded":
+        said = "none: noise seeded from the config (privacy.reproducible_noise, a test mode), no central DP"
+    return {"guarantee": said, "central_dp": "none",
             "dx_eta": str(record["eta"]), "unit_of_privacy": record["unit"], "labels": "cross to the vendor",
             "cti": str(record["cti"]).lower(), "noise": record["noise"]}
 
