@@ -58,7 +58,7 @@ class SplitSection(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="strings")
     enabled: bool = False
     splits: list[int] = [0, 2, 4]
-    etas: list[Eta] = [math.inf, 100.0, 50.0, 25.0]
+    etas: list[Eta] = [math.inf, 50.0, 25.0]
     cti: list[bool] = [False, True]
     cti_tokens: int = Field(500, gt=0)
     cti_ratio: float = Field(4.0, ge=1)
