@@ -250,7 +250,7 @@ def test_spent_bad_store_exits_2_with_one_line(capsys, tmp_path):
     not_a_db.write_text("not a database\n" * 100)
     for ledger, expected in ((str(tmp_path / "missing.db"), "no dataset ledger at"),
                              ("mysql://u@h/db", "unsupported ledger database"),
-                             ("postgresql://u@h/db", "cannot open ledger"),
+                             ("postgresql://u@h/db", "cannot read the dataset ledger at postgresql://u@h/db"),
                              (str(not_a_db), "cannot read the dataset ledger")):
         assert main(["budget", "spent", "--ledger", ledger]) == 2
         err = capsys.readouterr().err
