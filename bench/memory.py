@@ -3,8 +3,10 @@ and non-DP, side by side in one run, as ratios to DP full fine-tuning. Not a uni
 bench/results/. `python bench/memory.py [--quick] [--models minilm bert-base] [--device cpu|cuda]`.
 
 Memory: CPU, the peak RSS of a fresh worker process per configuration (VmHWM reset after a warm-up step, glibc's
-mmap threshold fixed so freed tensors go back to the OS); GPU when used, torch.cuda.max_memory_allocated over the
-measured steps (reset after the warm-up). Step time: median of the measured steps in that worker.
+mmap threshold fixed so freed tensors go back to the OS), and the job's own part of it (`job_peak_mb`: that peak less
+the worker's RSS before it built a model, i.e. without the interpreter and libraries, as a GPU's allocator counts);
+GPU when used, torch.cuda.max_memory_allocated over the measured steps (reset after the warm-up). Step time: median
+of the measured steps in that worker.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch  # noqa: E402
 
 from bench.dp_overhead import SIZES  # noqa: E402
 from compression.methods import METHODS, get_method  # noqa: E402
-from compression.profile import MALLOC_ENV, Stepper, measure  # noqa: E402
+from compression.profile import MALLOC_ENV, Stepper, measure, status_mb  # noqa: E402
 
 # every layer adapted, whatever the method's own default (a method not named here runs with its config's defaults,
 # `layers: all` when it has that field): the registry decides which methods run. `side` has no layers: its side
@@ -60,11 +62,15 @@ def measure_job(job: dict) -> dict:
     Stepper and measure, on this benchmark's model sizes."""
     case, method, dp = Case(**job["case"]), job["method"], job["dp"]
     row = {"model": case.model, "seq_len": case.seq_len, "method": method, "dp": dp}
+    libraries = status_mb("VmRSS")  # interpreter and libraries, before any model exists
     try:
         stepper = Stepper(SIZES[case.model](), method_config(method), batch_size=case.batch_size,
                           seq_len=case.seq_len, dp=dp, optimizer=case.optimizer, engine=case.engine,
                           device=case.device)
         row.update(measure(stepper, steps=case.steps, warmup=case.warmup))
+        # the job's own peak (model, optimizer state, cached features, activations; what a GPU's allocator counts),
+        # without the interpreter and libraries every configuration carries alike
+        row.update(libraries_mb=libraries, job_peak_mb=row["peak_mb"] - libraries)
     except Exception as err:  # a configuration that cannot run (e.g. out of memory) is a result, not a crash
         return {**row, "error": repr(err)}
     row["cached_features"] = list(stepper.features.shape[2:])
@@ -95,7 +101,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         base = next((b for b in rows if (b["model"], b["seq_len"], b["method"], b["dp"]) ==
                      (r["model"], r["seq_len"], *BASELINE)), {})
-        for k in ("peak_mb", "step_mb", "cuda_peak_mb", "median_step_s"):
+        for k in ("peak_mb", "job_peak_mb", "step_mb", "cuda_peak_mb", "median_step_s"):
             if k in r and base.get(k):
                 r[f"{k}_ratio"] = r[k] / base[k]
     return rows
@@ -103,14 +109,15 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'model':<10}{'T':>5} {'method':<11}{'dp':<4}{'trainable':>11}{'step s':>9}{'x':>6}{'peak MB':>9}"
-            f"{'x':>6}{'step MB':>9}{'x':>6}{'cuda MB':>9}{'x':>6}")
+            f"{'x':>6}{'job MB':>9}{'x':>6}{'step MB':>9}{'x':>6}{'cuda MB':>9}{'x':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(k, spec, r=r):
             return format(r[k], spec) if k in r else "-".rjust(int(spec.split(".")[0]))
         lines.append(f"{r['model']:<10}{r['seq_len']:>5} {r['method']:<11}{'y' if r['dp'] else 'n':<4}"
                      f"{f('trainable_parameters', '11d')}{f('median_step_s', '9.3f')}{f('median_step_s_ratio', '6.2f')}"
-                     f"{f('peak_mb', '9.0f')}{f('peak_mb_ratio', '6.2f')}{f('step_mb', '9.0f')}"
+                     f"{f('peak_mb', '9.0f')}{f('peak_mb_ratio', '6.2f')}"
+                     f"{f('job_peak_mb', '9.0f')}{f('job_peak_mb_ratio', '6.2f')}{f('step_mb', '9.0f')}"
                      f"{f('step_mb_ratio', '6.2f')}{f('cuda_peak_mb', '9.0f')}{f('cuda_peak_mb_ratio', '6.2f')}"
                      + (f"  error: {r['error'][:60]}" if "error" in r else ""))
     return "\n".join(lines)

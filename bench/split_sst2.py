@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,11 +29,11 @@ from transformers import AutoTokenizer  # noqa: E402
 from compression.data import GLUE_TASKS, encode, load_split  # noqa: E402
 from compression.models import DEFAULT_MODEL, build_tiny, load_classifier, resolve_model_path  # noqa: E402
 from compression.split import (  # noqa: E402
+    VENDOR_LORA,
     AttackConfig,
     CTIConfig,
     DXConfig,
     SplitConfig,
-    SplitLoRAConfig,
     VendorConfig,
     attack,
     fine_tune_split,
@@ -103,13 +103,18 @@ def grid(args) -> list[tuple[int, float, bool]]:
     return runs + [(split, eta, cti) for cti in ctis for eta in etas if not math.isinf(eta) for split in splits]
 
 
+def _lora(args):
+    """The registry's LoRA on the vendor's blocks (compression.split.VENDOR_LORA) at `--lora-rank`."""
+    return replace(VENDOR_LORA, rank=args.lora_rank)
+
+
 def run_one(model, tokenizer, data, *, split: int, eta: float, cti: bool, args) -> dict:
     """Fine-tune one configuration, attack it, and return its row (no training loss: private)."""
     train, dev, public = data
     config = SplitConfig(split_layer=split, dx=DXConfig(eta=eta), epochs=args.epochs, batch_size=args.batch_size,
                          cti=CTIConfig(enabled=cti, num_tokens=args.cti_tokens, eta_ratio=args.cti_ratio),
                          seed=args.seed,
-                         vendor=VendorConfig(method=SplitLoRAConfig(rank=args.lora_rank), learning_rate=args.lr))
+                         vendor=VendorConfig(method=_lora(args), learning_rate=args.lr))
     start = time.time()
     result = fine_tune_split(model, train, dev, config=config, metric="accuracy")
     train_s = time.time() - start
@@ -160,7 +165,7 @@ def settings(args, data) -> dict:
             **{k: v for k, v in vars(args).items() if k not in ("out", "quick", "model")},
             "quick": args.quick, "train_examples": len(data[0]["input_ids"]),
             "dev_examples": len(data[1]["input_ids"]), "public_sentences": len(data[2]["input_ids"]),
-            "max_accuracy_cost": MAX_COST, "vendor": asdict(SplitLoRAConfig(rank=args.lora_rank)),
+            "max_accuracy_cost": MAX_COST, "vendor": asdict(_lora(args)),
             "attacked_text": "the first --attack-examples private training examples, privatized as the customer "
                              "sends them (fresh noise)", "commit": commit.stdout.strip() or None,
             "uncommitted_changes": bool(dirty),

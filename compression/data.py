@@ -213,6 +213,17 @@ def _subsample(split: Split, max_examples: int | None, seed: int) -> Split:
     return split.select(np.sort(order[:max_examples]))
 
 
+def sample_encoded(data: dict, max_examples: int | None, *, seed: int) -> dict:
+    """`_subsample` of encoded `data` (the output of `encode`): a seeded sample of `max_examples` examples in their
+    order; `data` itself when the cap is None or not smaller."""
+    count = len(data["input_ids"])
+    if max_examples is None or max_examples >= count:
+        return data
+    rows = np.sort(np.random.default_rng(seed).permutation(count)[:max_examples]).tolist()
+    return {"input_ids": [data["input_ids"][i] for i in rows],
+            "token_type_ids": [data["token_type_ids"][i] for i in rows], "labels": data["labels"][rows]}
+
+
 def load_source(cfg: DataConfig) -> tuple[TaskSpec, Split, Split]:
     """(spec, train, dev) for `cfg.task`, whole: the source a study's subsamples are drawn from."""
     spec = _check_task(cfg.task)

@@ -125,7 +125,16 @@ def plan_values(cfg, num_train: int) -> dict:
             "epsilon": total if budget.scope == "study" else max(r["epsilon"] for r in rows),
             "epsilon_all_models": total, "target_epsilon": budget.epsilon, "delta": first.delta,
             "delta_is_default": budget.delta is None, "accountant": budget.accountant,
-            "sampling": SAMPLING, "unit": UNIT}
+            "sampling": SAMPLING, "unit": UNIT, "uncomposed": _split_stages(cfg)}
+
+
+def _split_stages(cfg) -> list[dict]:
+    """The split branch's stages (flows/config_split.py): private data under local d_chi noise, no epsilon."""
+    from flows.config_split import split_configs
+
+    configs = split_configs(cfg.split) if cfg.split.enabled else {}
+    return [{"stage": name, "mechanism": "nonprivate" if math.isinf(c.dx.eta) else "dx",
+             "eta": None if math.isinf(c.dx.eta) else c.dx.eta} for name, c in configs.items()]
 
 
 def format_plan(values: dict) -> str:
@@ -142,7 +151,18 @@ def format_plan(values: dict) -> str:
          if values["scope"] == "study" else
          f"each line: epsilon <= {values['epsilon']:.4f} (target {values['target_epsilon']:g}); releasing every "
          f"line's models together: epsilon = {values['epsilon_all_models']:.4f} ") + _guarantee(values, note),
+        *_uncomposed_note(values.get("uncomposed", [])),
     ])
+
+
+def _uncomposed_note(stages: list[dict]) -> list[str]:
+    if not stages:
+        return []
+    etas = sorted({s["eta"] for s in stages if s["eta"] is not None})
+    return [f"plus {len(stages)} split stage(s) on the same data, not central DP and never composed into epsilon: "
+            f"local d_chi noise per token representation at eta {', '.join(f'{e:g}' for e in etas) or '-'}, "
+            f"{sum(s['eta'] is None for s in stages)} without noise (no guarantee); training labels cross to the "
+            "vendor as is (recorded in the dataset ledger with their eta)"]
 
 
 def cmd_plan(args) -> int:
@@ -160,8 +180,10 @@ def cmd_plan(args) -> int:
 def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
     """The dataset ledger's spent `rows` as plain values: each release's epsilon alone (at its own delta and
     accountant; None for a non-private one) and, per dataset, its private releases composed at the largest delta
-    recorded, with `accountant` (default: that of the dataset's latest private release)."""
+    recorded, with `accountant` (default: that of the dataset's latest private release). A use under a local
+    guarantee (a `dx` row: split fine-tuning) has no epsilon; its eta and guarantee are listed, never composed."""
     from privacy.accounting import compose_epsilon
+    from privacy.ledger_store import NONPRIVATE
 
     releases, by_dataset = [], {}
     for row in rows:
@@ -169,7 +191,8 @@ def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
         releases.append({
             "dataset": row.dataset, "study": row.study, "stage": row.stage, "mechanism": row.mechanism,
             "epsilon": None if event is None else compose_epsilon([event], delta=row.delta, accountant=row.accountant),
-            "delta": row.delta, "accountant": row.accountant, "noise": row.noise, "date": row.spent_at})
+            "delta": row.delta, "accountant": row.accountant, "noise": row.noise, "date": row.spent_at,
+            "eta": row.eta, "guarantee": row.guarantee})
         by_dataset.setdefault(row.dataset, []).append(row)
     datasets = {}
     for name, group in by_dataset.items():
@@ -180,7 +203,9 @@ def spent_values(rows, *, ledger: str, accountant: str | None = None) -> dict:
             largest = max(r.delta for r in private)
             total = {"epsilon": compose_epsilon([r.event for r in private], delta=largest, accountant=chosen),
                      "delta": largest, "accountant": chosen}
-        datasets[name] = total | {"releases": len(private), "nonprivate_releases": len(group) - len(private),
+        local = sum(r.event is None and r.mechanism != NONPRIVATE for r in group)
+        datasets[name] = total | {"releases": len(private), "local_releases": local,
+                                  "nonprivate_releases": len(group) - len(private) - local,
                                   "sampling": SAMPLING, "unit": UNIT}
     return {"ledger": ledger, "releases": releases, "datasets": datasets}
 
@@ -189,20 +214,29 @@ def format_spent(values: dict) -> str:
     if not values["releases"]:
         which = f" for dataset {values['dataset']}" if values.get("dataset") else ""
         return f"no releases recorded{which} in {values['ledger']}"
-    rows = [r | {"dataset": r["dataset"][:12], "epsilon": "inf" if r["epsilon"] is None else r["epsilon"],
+    rows = [r | {"dataset": r["dataset"][:12], "epsilon": _epsilon_cell(r),
                  "date": (r["date"] or "")[:16].replace("T", " ")} for r in values["releases"]]
     lines = [f"releases in {values['ledger']} (epsilon of each release alone, at its own delta):",
              format_table([{k: r[k] for k in ("dataset", "study", "stage", "epsilon", "delta", "mechanism",
                                                "noise", "date")} for r in rows])]
     for name, total in values["datasets"].items():
-        nonprivate = total["nonprivate_releases"]
+        nonprivate, local = total["nonprivate_releases"], total.get("local_releases", 0)
         note = f"; plus {nonprivate} non-private release(s), which carry no guarantee" if nonprivate else ""
+        note += (f"; plus {local} use(s) under a local d_chi guarantee per token representation (eta listed; no "
+                 "central DP, never composed)" if local else "")
         if total["epsilon"] is None:
             lines.append(f"dataset {name}: no private release{note}")
         else:
             lines.append(f"dataset {name}: epsilon = {total['epsilon']:.4f} {_guarantee(total)} over "
                          f"{total['releases']} private release(s), composed{note}")
     return "\n".join(lines)
+
+
+def _epsilon_cell(release: dict) -> str | float:
+    """A release's epsilon, or what stands for it: "inf" (no guarantee), "local eta=E" (a d_chi use)."""
+    if release["epsilon"] is not None:
+        return release["epsilon"]
+    return f"local eta={release['eta']:g}" if release.get("eta") is not None else "inf"
 
 
 def cmd_spent(args) -> int:

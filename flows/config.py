@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compression.data import DataConfig
+from compression.data import GLUE_TASKS, DataConfig
 from compression.distill import StudentConfig
 from compression.losses import KDConfig
 from compression.methods import MethodConfig, get_method
@@ -29,6 +29,7 @@ from compression.pruning.public_distill import PublicDistillConfig
 from compression.pruning.structured import StructuredConfig
 from compression.train import TrainConfig
 from flows.config_file import GLUE_DIR_ENV, ConfigError, read_config
+from flows.config_split import SplitSection
 from privacy.config import BudgetConfig
 
 __all__ = ["GLUE_DIR_ENV", "ConfigError", "StudyConfig", "load_config", "read_config", "study_key", "validate_config"]
@@ -201,6 +202,7 @@ class StudyConfig(_Section):
     distill: DistillSection = DistillSection()
     finetune: FinetuneSection = FinetuneSection()
     profile: ProfileSection = ProfileSection()
+    split: SplitSection = SplitSection()
     tracking: TrackingSection = TrackingSection()
     execution: ExecutionSection = ExecutionSection()
 
@@ -235,6 +237,19 @@ class StudyConfig(_Section):
                                  "public text must be disjoint from the private data")
         return self
 
+    @model_validator(mode="after")
+    def _split_reads_public_text_and_labels(self) -> StudyConfig:
+        if not self.split.enabled:
+            return self
+        for i, source in enumerate(self.split.attack.public):
+            if source.task == self.data.task:
+                raise ValueError(f"split.attack.public[{i}].task={source.task!r} is the private task (data.task): "
+                                 "public text must be disjoint from the private data")
+        if True in self.split.cti and GLUE_TASKS[self.data.task].is_regression:
+            raise ValueError(f"split.cti: contributing tokens are scored against class labels, and data.task "
+                             f"{self.data.task!r} is a regression; set split.cti: [false]")
+        return self
+
     @property
     def study_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.name
@@ -256,7 +271,9 @@ def study_key(cfg: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_NOT_IN_STUDY_KEY = frozenset({"tracking", "checkpoint_every", "execution"})
+# `split`: the split branch releases nothing under the central budget (local d_chi, its own stage keys), so changing
+# it must not make the dataset ledger see the study's DP stages as another study's (and reserve them again)
+_NOT_IN_STUDY_KEY = frozenset({"tracking", "checkpoint_every", "execution", "split"})
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, glue_dir: str | None = None) -> StudyConfig:

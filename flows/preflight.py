@@ -1,7 +1,7 @@
 """Pre-flight: every problem a study would run into, found at once and within seconds, before any server starts or
-anything is written: the config file, the data files (private task and public calibration text), the model, the
-output folder, the tracking store, the Prefect API and the privacy budget. One line per problem, naming the field or
-file (and data row). `dpcompress run` and `dpcompress budget plan` run it first and exit 2 on any problem.
+anything is written: the config file, the data files (private task, public calibration and attack text), the model,
+the output folder, the tracking store, the Prefect API and the privacy budget. One line per problem, naming the field
+or file (and data row). `dpcompress run` and `dpcompress budget plan` run it first and exit 2 on any problem.
 """
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def _check_sources(cfg: StudyConfig, bad: set[str]) -> tuple[dict[str, tuple[Spl
     sources = {} if "data" in bad else {"data": cfg.data}
     if "prune" not in bad and cfg.prune.enabled:
         sources |= {f"prune.calibration.{i}": s for i, s in enumerate(cfg.prune.calibration or [])}
+    if "split" not in bad and cfg.split.enabled:
+        from flows.config_split import public_sources
+
+        sources |= {f"split.attack.public.{i}": s for i, s in enumerate(public_sources(cfg.split, cfg.data))}
     splits, problems = {}, []
     for key, source in sources.items():
         loaded, found = check_data(source, key)
@@ -140,6 +144,14 @@ def _check_places(cfg: StudyConfig, bad: set[str]) -> list[str]:
     if "distill" not in bad and cfg.distill.enabled and student.pretrained \
             and "pretrained" in (cfg.distill.inits or [student.init]):
         problems += io.check_model(student.pretrained, "distill.student.pretrained")
+    if not bad & {"model", "split"} and cfg.split.enabled and not problems:
+        depth = io.model_depth(cfg.model.name_or_path)
+        if depth is not None and max(cfg.split.splits) > depth:
+            problems.append(f"split.splits={cfg.split.splits}: the model has {depth} blocks "
+                            f"({cfg.model.name_or_path}); the customer holds at most all of them")
+        elif depth is not None and depth in cfg.split.splits and cfg.split.method.name == "lora":
+            problems.append(f"split.splits: a split at {depth} (every block) leaves the vendor no block for "
+                            "split.method lora; use method full (the head alone), or a smaller split")
     if not bad & {"name", "output_dir"}:
         problems += io.check_output(cfg.output_dir, cfg.study_dir)
     if not bad & {"name", "output_dir", "tracking"}:

@@ -36,6 +36,21 @@ def check_model(name: str, field: str) -> list[str]:
     return _check_family(config, name, field) if config else [f"{field}={name!r}: {why}"]
 
 
+def model_depth(name: str) -> int | None:
+    """The number of encoder blocks of model `name` from its config.json (a local folder, the bundled model or the
+    hub cache); None where that is unknown (pre-flight's other checks report why)."""
+    from compression.models import resolve_model_path
+
+    try:
+        path = Path(resolve_model_path(name)).expanduser()
+        config = path / "config.json" if path.is_dir() else _hub_config(name)[0]
+        values = json.loads(Path(config).read_text()) if config else {}
+    except (ImportError, OSError, ValueError):
+        return None
+    depth = next((values[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if k in values), None)
+    return depth if isinstance(depth, int) else None
+
+
 def _hub_config(name: str) -> tuple[Path | None, str]:
     """The config.json of hub model `name` from the local cache, or the hub if online; else (None, why not)."""
     from huggingface_hub import hf_hub_download, is_offline_mode, try_to_load_from_cache

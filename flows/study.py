@@ -1,6 +1,7 @@
 """The study flow: prepare the data -> plan the privacy budget -> DP teacher -> model lines (pruning rounds, structured
 rounds, distilled students from the teacher; fine-tuning methods from the pretrained model) -> evaluate every model
-(and profile the training of those from the pretrained model) -> results table -> register."""
+(and profile the training of those from the pretrained model) -> results table -> register; then, with a `split`
+section, the Split-and-Privatize branch (flows/split.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ from prefect import flow
 from flows.config import StudyConfig, load_config, study_key
 from flows.kinds import Run, run_lines
 from flows.plan import model_lines, pretrained_stages, stage_plans
+from flows.split import run_split
 from tasks.budget import plan_privacy, release_budget, reserve_budget
 from tasks.data import prepare_data
 from tasks.evaluation import close_study, evaluate_model, open_study, results_table
@@ -77,6 +79,8 @@ def _run_study(cfg: StudyConfig) -> list[dict]:
         rows = results_table(models=models, evaluations=evals, lines={"teacher": "teacher", **line_of},
                              metric=data.metric, scope=cfg.privacy.scope, tracking_uri=uri, parent_run_id=parent,
                              output_dir=out, profiles=profiles)
+        if cfg.split.enabled:  # split fine-tuning under local d_chi noise, beside the study's epsilon
+            run_split(cfg, data=data, output_dir=out, context=context)
     except BaseException:
         if context.account is not None:
             release_budget(account=context.account)

@@ -9,7 +9,9 @@ the dataset's epsilon (add-or-remove-one neighbours, Poisson sampling, as in acc
 at the caller's delta with the caller's accountant, whatever delta each study used.
 
 Protocol of a study run: `reserve` the planned stages after planning, `begin` right before each private stage
-trains, `commit` after its outputs are saved, `release` in `finally`.
+trains, `commit` after its outputs are saved, `release` in `finally`. A use of the data that is not a central DP
+release (a non-private baseline; split fine-tuning under local d_chi noise) is recorded by `record_uncomposed`:
+listed in the history with what it guarantees, never composed into (nor refused by) the lifetime budget.
 """
 from __future__ import annotations
 
@@ -172,25 +174,46 @@ class DatasetLedger:
         later study. Whoever releases such a model gives up the dataset's guarantee; the row makes that visible.
         Idempotent for the same (run_id, stage, stage_key).
         """
+        return self.record_uncomposed(dataset=dataset, study=study, study_key=study_key, run_id=run_id, stage=stage,
+                                      stage_key=stage_key, mechanism=NONPRIVATE, guarantee=None)
+
+    def record_uncomposed(self, *, dataset: str, study: str, study_key: str, run_id: str, stage: str, stage_key: str,
+                          mechanism: str, guarantee: str | None, eta: float | None = None, noise: str = "") -> Release:
+        """Record a use of `dataset` that is not a central (epsilon, delta)-DP release, so enters no composition:
+        mechanism "nonprivate" (no guarantee at all), or a mechanism registered with composes=False, e.g. "dx" with
+        its `eta` (a local d_chi guarantee per token representation, not per example). `guarantee`: what it does
+        guarantee, in words (the unit, and what is unprotected). noise: a privacy.noise source, or "" for none.
+
+        Listed by `history`, never counted by `reserve`, `check` or `begin` (an epsilon over examples it does not
+        have: not an overspend, and not a spend of the lifetime budget either). Idempotent for the same (run_id,
+        stage, stage_key, mechanism).
+        """
+        if mechanism != NONPRIVATE and store.composes(mechanism):
+            raise ValueError(f"mechanism {mechanism!r} composes into epsilon: reserve, begin and commit it")
+        if mechanism != NONPRIVATE and not (eta is not None and 0 < eta < math.inf):
+            raise ValueError(f"a {mechanism} release needs its finite eta > 0, got {eta!r} (no noise: nonprivate)")
+        if noise and noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES} or empty, got {noise!r}")
         with store.transaction(self._engine, exclusive=True) as conn:
             ours = (releases.c.dataset == dataset, releases.c.run_id == run_id, releases.c.stage == stage,
-                    releases.c.stage_key == stage_key, releases.c.mechanism == NONPRIVATE)
+                    releases.c.stage_key == stage_key, releases.c.mechanism == mechanism)
             if select_first(conn, *ours) is None:
                 now = store.timestamp(store.utc_now())
                 conn.execute(sa.insert(releases).values(
                     dataset=dataset, study=study, study_key=study_key, run_id=run_id, stage=stage,
-                    stage_key=stage_key, mechanism=NONPRIVATE, accountant="", noise="", status=SPENT,
-                    owner=store.owner(), created_at=now, spent_at=now))
+                    stage_key=stage_key, mechanism=mechanism, accountant="", noise=noise, status=SPENT,
+                    owner=store.owner(), created_at=now, spent_at=now, eta=eta, guarantee=guarantee))
             return select_first(conn, *ours)
 
     def history(self, dataset: str | None = None) -> list[Release]:
-        """Spent releases of `dataset` (every dataset if None), oldest first; non-private ones included."""
+        """Spent releases of `dataset` (every dataset if None), oldest first; uncomposed ones (non-private, local)
+        included."""
         conditions = [releases.c.status == SPENT] + ([releases.c.dataset == dataset] if dataset is not None else [])
         with store.transaction(self._engine, exclusive=False) as conn:
             return store.select_rows(conn, *conditions)
 
     def epsilon(self, dataset: str, *, delta: float, accountant: str = "prv") -> float:
-        """Epsilon of every spent private release on `dataset` composed at `delta` (non-private ones skipped)."""
+        """Epsilon of every spent central DP release on `dataset` composed at `delta` (uncomposed ones skipped)."""
         return compose_epsilon(_events(self.history(dataset)), delta=delta, accountant=accountant)
 
     def datasets(self) -> list[str]:
@@ -221,7 +244,7 @@ def _events(rows: Sequence[Release]) -> list[DPEvent]:
 
 def _not_cached(rows: Sequence[Release], planned: Planned, *, study_key: str) -> list:
     """The planned stages not already spent by the same study (those are cache hits: a rerun adds nothing)."""
-    cached = {r.stage for r in rows if r.status == SPENT and r.study_key == study_key and r.mechanism != NONPRIVATE}
+    cached = {r.stage for r in rows if r.status == SPENT and r.study_key == study_key and r.event is not None}
     return [(stage, event, mechanism) for stage, event, mechanism in planned if stage not in cached]
 
 

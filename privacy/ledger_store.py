@@ -47,7 +47,12 @@ releases = sa.Table(
     sa.Column("owner", sa.Text, nullable=False),
     sa.Column("created_at", sa.Text, nullable=False),
     sa.Column("spent_at", sa.Text, nullable=True),
+    # a release that enters no composition (privacy.dataset_ledger.record_uncomposed): its parameter (dx: eta, per
+    # unit of L2 distance) and what it does guarantee, in words; NULL for a central DP release
+    sa.Column("eta", sa.Float, nullable=True),
+    sa.Column("guarantee", sa.Text, nullable=True),
 )
+ADDED_COLUMNS = ("eta", "guarantee")  # added to the table after its first version: a ledger created before gains them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,11 +83,15 @@ class Release:
     owner: str
     created_at: str
     spent_at: str | None
+    eta: float | None = None
+    guarantee: str | None = None
 
     @property
     def event(self) -> DPEvent | None:
-        """The release's DP event; None for a non-private release (no guarantee to compose)."""
-        if self.mechanism == NONPRIVATE:
+        """The release's DP event; None for a release that enters no composition: non-private, or under a guarantee of
+        another kind (a mechanism registered with composes=False, e.g. dx: a local guarantee per token
+        representation)."""
+        if self.mechanism == NONPRIVATE or not composes(self.mechanism):
             return None
         return DPEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
                        num_steps=self.num_steps)
@@ -157,9 +166,25 @@ def transaction(engine: sa.Engine, *, exclusive: bool) -> Iterator[sa.Connection
 
 
 def create_schema(engine: sa.Engine) -> None:
-    """Create the releases table if missing, inside an exclusive transaction (two first users do not race)."""
+    """Create the releases table if missing, and add the columns of ADDED_COLUMNS to a table created before them (its
+    rows get NULL: central DP releases), inside an exclusive transaction (two first users do not race)."""
     with transaction(engine, exclusive=True) as conn:
         metadata.create_all(conn)
+        present = {column["name"] for column in sa.inspect(conn).get_columns(releases.name)}
+        for name in ADDED_COLUMNS:
+            if name not in present:
+                column = releases.c[name]
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(sa.text(f"ALTER TABLE {releases.name} ADD COLUMN {name} {kind}"))
+
+
+def composes(mechanism: str) -> bool:
+    """Whether releases of `mechanism` enter the dataset's (epsilon, delta) composition: a registered mechanism's
+    `composes` (privacy.mechanisms); an unknown name is treated as composing (counted, the safe side)."""
+    from .mechanisms import MECHANISMS
+
+    known = MECHANISMS.get(mechanism)
+    return known is None or known.composes
 
 
 def select_rows(conn: sa.Connection, *conditions) -> list[Release]:

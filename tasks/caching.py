@@ -86,7 +86,8 @@ def _digests(ref) -> list[tuple[str, str, bool]]:
     """(path, digest, keyed) of every file a reference names, as it recorded them; the encoded private data's
     digests are keyed (a plain hash of them would let anyone who can encode a guess test it)."""
     pairs = [(getattr(ref, name), getattr(ref, f"{stem}sha256"))
-             for name, stem in (("path", ""), ("ledger_path", "ledger_"), ("masks_path", "masks_"))
+             for name, stem in (("path", ""), ("ledger_path", "ledger_"), ("masks_path", "masks_"),
+                                ("record_path", "record_"))
              if getattr(ref, name, None) and getattr(ref, f"{stem}sha256", None)]
     keyed = isinstance(ref, DataRef)
     return [(path, digest, False) for path, digest in pairs] + [

@@ -74,6 +74,24 @@ class EvalRef:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SplitRef:
+    """One split fine-tuning configuration (compression.split) and what it produced: its results at `path`
+    (split.json: the dev metric, steps; no model is kept) and its release record at `record_path` (what crossed and
+    under which local guarantee: not a privacy ledger, it enters no epsilon), and its MLflow run."""
+
+    stage: str
+    split_layer: int
+    eta: float  # math.inf: no noise
+    cti: bool
+    path: str
+    sha256: str
+    record_path: str
+    record_sha256: str
+    results: dict = field(default_factory=dict)
+    run_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class BudgetAccount:
     """Where a study run's releases are charged: the persistent dataset ledger (privacy.dataset_ledger) at `url`,
     the dataset's keyed source fingerprint, the run that reserved, and the lifetime budget checked at `delta`."""

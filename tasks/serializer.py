@@ -16,7 +16,7 @@ from tasks import refs
 
 # The only types a result may hold (besides JSON's own): a decoded file names one of these or it is refused.
 TYPES: dict[str, type] = {cls.__name__: cls for cls in (
-    refs.DataRef, refs.ModelRef, refs.StatsRef, refs.EvalRef, refs.BudgetAccount, StageBudget, DPEvent)}
+    refs.DataRef, refs.ModelRef, refs.StatsRef, refs.EvalRef, refs.SplitRef, refs.BudgetAccount, StageBudget, DPEvent)}
 
 
 def _encode(value: Any) -> Any:

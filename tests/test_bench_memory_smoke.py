@@ -22,7 +22,8 @@ def test_memory_quick_writes_every_method_dp_and_not(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["median_step_s"] > 0 and len(r["step_s"]) == 2 and r["peak_mb"] > 0 and r["trainable_parameters"] > 0
-        assert "peak_mb_ratio" in r and "median_step_s_ratio" in r
+        assert "peak_mb_ratio" in r and "median_step_s_ratio" in r and "job_peak_mb_ratio" in r
+        assert r["libraries_mb"] > 0 and r["job_peak_mb"] == r["peak_mb"] - r["libraries_mb"]
     full = next(r for r in rows if r["method"] == "full" and r["dp"])
     assert full["peak_mb_ratio"] == full["median_step_s_ratio"] == 1.0
     assert result["meta"]["complete"] and "reversible" in proc.stdout

@@ -277,3 +277,16 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     assert loaded["input_ids"] == encoded["input_ids"]
     assert loaded["token_type_ids"] == encoded["token_type_ids"]
     assert torch.equal(loaded["labels"], encoded["labels"])
+
+
+def test_a_sample_of_encoded_data_keeps_order_and_alignment():
+    from compression.data import sample_encoded
+
+    data = {"input_ids": [[2, i, 3] for i in range(20)], "token_type_ids": [[0, 0, 0]] * 20,
+            "labels": torch.arange(20)}
+    sample = sample_encoded(data, 5, seed=1)
+    kept = [ids[1] for ids in sample["input_ids"]]
+    assert len(kept) == 5 and kept == sorted(kept) and sample["labels"].tolist() == kept
+    assert sample["input_ids"] == sample_encoded(data, 5, seed=1)["input_ids"]
+    assert kept != [ids[1] for ids in sample_encoded(data, 5, seed=2)["input_ids"]]
+    assert sample_encoded(data, None, seed=0) is data and sample_encoded(data, 20, seed=0) is data

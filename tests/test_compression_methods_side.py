@@ -159,6 +159,23 @@ def test_trainable_count_on_minilm_shapes():
     assert sum(p.numel() for p in _trainable(side)) == 6 * layer + 7 * (384 * 48 + 48) + 6 + 98 == 299_096
 
 
+def test_side_attention_dropout_defaults_to_none_and_survives_saving(tmp_path, tokenizer):
+    """Attention-probability dropout makes PyTorch's SDPA keep every side layer's attention maps for backward (3.3x
+    the side step's memory on BERT-base, bench/memory.py): off by default, the backbone's other dropouts kept, a
+    chosen value saved with the side network."""
+    backbone = build_tiny(seed=0, dropout=0.1)
+    side = prepare(backbone, SideConfig()).side
+    assert [layer.attention.self.dropout.p for layer in side.layers] == [0.0] * len(side.layers)
+    assert {layer.output.dropout.p for layer in side.layers} == {0.1}
+    model = prepare(build_tiny(seed=0, dropout=0.1), SideConfig(attention_dropout=0.05))
+    assert {layer.attention.self.dropout.p for layer in model.side.layers} == {0.05}
+    save_classifier(model, tokenizer, tmp_path / "model")
+    loaded = load_saved(tmp_path / "model")[0]
+    assert {layer.attention.self.dropout.p for layer in loaded.side.layers} == {0.05}
+    with pytest.raises(ValueError, match="attention_dropout"):
+        SideConfig(attention_dropout=1.0)
+
+
 def test_save_and_export_round_trip(tmp_path, tokenizer):
     model, config = _side(model_type="roberta", drop_layers=(1,))
     model = merge(model, config).eval()

@@ -2,13 +2,16 @@
 (privatized float representations, a uint8 mask, labels on training batches of the standard split; never token ids),
 the same bytes over the in-process and the loopback HTTP transport, the split model equals the unsplit one without
 noise, and the customer's side never trains."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from compression.methods.full import FullConfig
+from compression.methods.lora import LoraLinear
 from compression.models import build_tiny
-from compression.split import Crossing, Customer, DXConfig, SplitConfig, SplitLoRAConfig, Vendor, VendorConfig
+from compression.split import VENDOR_LORA, Crossing, Customer, DXConfig, SplitConfig, Vendor, VendorConfig
 from compression.split.crossing import Reply, field_names, from_bytes, to_bytes
 from compression.split.training import fine_tune_split
 from compression.split.transport import HttpTransport, InProcess
@@ -39,7 +42,7 @@ def model():
 def _run(model, *, shape: str, transport: str):
     received = []
     config = SplitConfig(split_layer=1, dx=DXConfig(eta=50.0), shape=shape, transport=transport, batch_size=16,
-                         vendor=VendorConfig(method=SplitLoRAConfig(rank=2)))
+                         vendor=VendorConfig(method=dataclasses.replace(VENDOR_LORA, rank=2)))
     result = fine_tune_split(model, toy_data(48, 0), toy_data(16, 1), config=config, metric="accuracy",
                              noise=NoiseStream(seed=1), on_receive=lambda route, payload: received.append((route,
                                                                                                          payload)))
@@ -71,15 +74,41 @@ def test_vendor_sees_only_the_crossing_schema_and_both_transports_carry_the_same
             assert torch.equal(bottom[name], value) and not bottom[name].requires_grad
     assert result.metrics["noise"] == "seeded" and "never composed" in result.metrics["guarantee"]
     assert result.metrics["num_steps"] == 3
-    lora_b = [p for n, p in result.vendor.model.named_parameters() if "lora_b" in n]
+    lora_b = [p for n, p in result.vendor.model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b)
+
+
+@pytest.mark.parametrize("split_layer", [0, 1])
+def test_the_vendor_trains_the_registry_lora_on_its_own_blocks_only(model, split_layer):
+    vendor = Vendor(model, split_layer=split_layer, config=VendorConfig())  # default: VENDOR_LORA
+    adapted = {i for i, layer in enumerate(vendor.model.layers) for m in layer.modules() if isinstance(m, LoraLinear)}
+    assert adapted == set(range(split_layer, model.num_layers))  # none on the customer's (frozen) blocks
+    per_layer = len(VENDOR_LORA.targets)
+    assert sum(isinstance(m, LoraLinear) for m in vendor.model.modules()) == per_layer * len(adapted)
+    trainable = {n for n, p in vendor.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    exported = vendor.export()  # adapters merged: a plain classifier
+    assert not any(isinstance(m, LoraLinear) for m in exported.modules())
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())  # the public model itself is untouched
+
+
+def test_vendor_methods_and_their_limits(model):
+    with pytest.raises(ValueError, match="no block to adapt"):
+        Vendor(model, split_layer=model.num_layers, config=VendorConfig())
+    top = Vendor(model, split_layer=model.num_layers, config=VendorConfig(method=FullConfig(layers="all")))
+    assert {n for n, p in top.model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    from compression.methods.side import SideConfig
+
+    with pytest.raises(ValueError, match="method must be"):
+        VendorConfig(method=SideConfig())
 
 
 @pytest.mark.parametrize("split_layer", [0, 1, 2])
 def test_split_without_noise_computes_the_unsplit_model(model, split_layer):
     data = toy_data(8, 2)
     customer = Customer(model, split_layer=split_layer, dx=DXConfig(eta=math.inf), noise=NoiseStream(seed=0))
-    vendor = Vendor(model, split_layer=split_layer, config=VendorConfig())
+    method = VENDOR_LORA if split_layer < model.num_layers else FullConfig(layers="all")  # LoRA starts at B = 0
+    vendor = Vendor(model, split_layer=split_layer, config=VendorConfig(method=method))
     crossing = customer.crossing(data, torch.arange(8), namespace="dev", labels=False)
     logits = from_bytes(InProcess(vendor).send("eval", to_bytes(crossing)), expect=Reply).logits
     from compression.data import collate

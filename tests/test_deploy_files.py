@@ -43,7 +43,7 @@ def test_compose_binds_every_port_to_loopback_and_has_the_stack():
     assert {"postgres", "mlflow", "prefect", "worker"} <= set(spec["services"])
     ports = [p for s in spec["services"].values() for p in s.get("ports", [])]
     assert ports and all(str(p).startswith("127.0.0.1:") for p in ports)
-    assert "postgresql://" in spec["services"]["mlflow"]["command"]
+    assert "postgresql+psycopg://" in spec["services"]["mlflow"]["command"]
     assert not (ROOT / "docker/__init__.py").exists()  # would shadow the docker SDK
 
 

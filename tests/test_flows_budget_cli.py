@@ -227,12 +227,30 @@ def test_spent_text_shows_the_table_and_each_dataset(capsys, ledger_path):
     assert capsys.readouterr().out.startswith("no releases recorded for dataset fp-none in sqlite:///")
 
 
+def test_spent_lists_a_local_dx_use_with_its_eta_and_never_composes_it(capsys, ledger_path):
+    with DatasetLedger(ledger_path) as ledger:
+        ledger.record_uncomposed(dataset="fp-a", study="sap", study_key="s", run_id="s", stage="split_k0_eta50",
+                                 stage_key="sp", mechanism="dx", eta=50.0, guarantee="local d_chi per token",
+                                 noise="secret")
+    values = run_json(capsys, "spent", "--ledger", str(ledger_path), "--dataset", "fp-a")
+    local = values["releases"][-1]
+    assert (local["mechanism"], local["epsilon"], local["eta"], local["guarantee"]) == (
+        "dx", None, 50.0, "local d_chi per token")
+    fp_a = values["datasets"]["fp-a"]
+    assert (fp_a["releases"], fp_a["local_releases"], fp_a["nonprivate_releases"]) == (2, 1, 1)
+    assert fp_a["epsilon"] == pytest.approx(compose_epsilon([TEACHER, DISTILL], delta=1e-4, accountant="rdp"))
+    assert main(["budget", "spent", "--ledger", str(ledger_path), "--dataset", "fp-a"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("split_k0_eta50" in line and "local eta=50" in line and "dx" in line for line in lines)
+    assert "plus 1 use(s) under a local d_chi guarantee per token representation" in lines[-1]
+
+
 def test_spent_bad_store_exits_2_with_one_line(capsys, tmp_path):
     not_a_db = tmp_path / "notes.txt"
     not_a_db.write_text("not a database\n" * 100)
     for ledger, expected in ((str(tmp_path / "missing.db"), "no dataset ledger at"),
                              ("mysql://u@h/db", "unsupported ledger database"),
-                             ("postgresql://u@h/db", "cannot open ledger"),
+                             ("postgresql://u@h/db", "cannot read the dataset ledger at postgresql://u@h/db"),
                              (str(not_a_db), "cannot read the dataset ledger")):
         assert main(["budget", "spent", "--ledger", ledger]) == 2
         err = capsys.readouterr().err

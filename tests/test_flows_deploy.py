@@ -35,10 +35,11 @@ class Processes:
     def __init__(self, folder: Path):
         self.folder, self.started = folder, {}
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str], **popen) -> subprocess.Popen:
+        """Start `args` in the checkout; `popen`: more of Popen's arguments (e.g. `user`)."""
         with open(self.folder / f"{name}.log", "w") as log:
             proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, **popen)
         self.started[name] = proc
         return proc
 

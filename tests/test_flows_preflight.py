@@ -124,6 +124,16 @@ BAD = [
      ["model.name_or_path=", "model_type 't5' has no registered family", "bert"]),
     ("student-missing", _sets("distill.student.init=pretrained", "distill.student.pretrained=/nonexistent/student"),
      ["distill.student.pretrained='/nonexistent/student'", "no folder"]),
+    # the split branch: its public text, its depths against the model's
+    ("split-public-missing", _sets("split.enabled=true", "split.attack.public=[{task: mrpc}]"),
+     ["split.attack.public.0.dir=", "no MRPC/ folder"]),
+    ("split-deeper-than-model", lambda s: _file("model/config.json", '{"model_type": "bert", "num_hidden_layers": 2}')(
+        s) + _sets("split.enabled=true", "split.attack.public=[{task: cola}]", "split.splits=[0, 3]")(s),
+     ["split.splits=[0, 3]", "the model has 2 blocks"]),
+    ("split-lora-without-a-block", lambda s: _file("model/config.json", '{"model_type": "bert", "num_hidden_layers": '
+                                                                       '2}')(s)
+     + _sets("split.enabled=true", "split.attack.public=[{task: cola}]", "split.splits=[2]")(s),
+     ["split.splits", "a split at 2", "no block for split.method lora"]),
     # where the run writes
     ("output-dir-is-file", lambda s: s.write("runs", "not a folder") and [], ["output_dir=", "is a file"]),
     ("output-dir-under-file", _sets("output_dir=/etc/hostname/runs"), ["output_dir='/etc/hostname/runs'", "is a file"]),

@@ -78,3 +78,19 @@ def test_snapping_sends_vocabulary_embeddings_only(setting):
         assert distance.min(1).values.max() < 1e-5
     with pytest.raises(ValueError, match="snap"):
         Customer(model, split_layer=1, dx=DXConfig(eta=5.0, snap=True))
+
+
+def test_a_held_out_text_is_attacked_and_public_representations_are_computed_once_per_depth(setting):
+    from compression.split.audit import representations
+
+    model, private, public = setting
+    held_out = toy_data(40, 9)
+    config = SplitConfig(split_layer=1, dx=DXConfig(eta=math.inf))
+    bottom = Customer(model, split_layer=1, dx=DXConfig(eta=math.inf))
+    clean = representations(bottom, public, special_ids=SPECIAL, max_tokens=2000)
+    run = lambda **kw: attack(model, private, public, config=config, special_ids=SPECIAL, noise=NoiseStream(seed=0),
+                              attack_config=AttackConfig(kind="learned", max_public_tokens=2000), **kw)
+    fresh, cached = run(attacked=held_out), run(attacked=held_out, public_clean=clean)
+    assert fresh == cached  # the same attack: the representations were the ones it would compute
+    real = sum(len([t for t in ids if t not in SPECIAL]) for ids in held_out["input_ids"])
+    assert fresh.num_tokens == real != run().num_tokens  # the held-out text's tokens, not the training text's

@@ -220,6 +220,47 @@ def test_nonprivate_release_is_listed_but_not_composed(ledger):
                           **budget_args(1.01 * eps(TEACHER, TEACHER))) == ["teacher"]
 
 
+def test_a_local_dx_release_is_recorded_with_its_guarantee_and_never_composed_or_refused(ledger):
+    budget = 1.01 * eps(TEACHER)  # one teacher release fits, with no room for anything else
+    spend(ledger, study="first", run_id="r1", budget=budget, plan=PLAN[:1])
+    local = dict(dataset=DS, study="sap", study_key="k", run_id="rs", stage="split_k0_eta50", stage_key="sp-1")
+    guarantee = "local d_chi: eta * ||x - x'|| per token representation; not central DP"
+    row = ledger.record_uncomposed(**local, mechanism="dx", eta=50.0, guarantee=guarantee, noise="secret")
+    assert ledger.record_uncomposed(**local, mechanism="dx", eta=50.0, guarantee=guarantee, noise="secret") == row
+    assert (row.mechanism, row.eta, row.guarantee, row.event, row.status) == ("dx", 50.0, guarantee, None, "spent")
+    assert [r.mechanism for r in ledger.history(DS)] == ["dp_sgd", "dx"]
+    assert ledger.epsilon(DS, delta=DELTA, accountant=ACC) == pytest.approx(eps(TEACHER))  # not composed
+    # the lifetime budget is as full as before: a rerun of the first study passes, a second teacher is refused for
+    # the teacher it adds, not for the dx row
+    assert ledger.check(study="first", study_key="first", planned=PLAN[:1], **budget_args(budget)) \
+        == pytest.approx(eps(TEACHER))
+    with pytest.raises(DatasetBudgetError, match="1 release"):
+        ledger.check(study="other", study_key="o", planned=PLAN[:1], **budget_args(budget))
+    with pytest.raises(ValueError, match="composes into epsilon"):
+        ledger.record_uncomposed(**local, mechanism="dp_sgd", eta=None, guarantee="")
+    with pytest.raises(ValueError, match="finite eta"):
+        ledger.record_uncomposed(**local, mechanism="dx", eta=float("inf"), guarantee="")
+
+
+def test_a_ledger_created_before_the_uncomposed_columns_gains_them(tmp_path):
+    import sqlalchemy as sa
+
+    path = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:  # the table as the first version made it
+        ledger_store.metadata.create_all(conn)
+        for name in ledger_store.ADDED_COLUMNS:
+            conn.execute(sa.text(f"ALTER TABLE {ledger_store.releases.name} DROP COLUMN {name}"))
+    engine.dispose()
+    with DatasetLedger(path) as ledger:
+        spend(ledger, study="first", run_id="r1", budget=10.0, plan=PLAN[:1])
+        ledger.record_uncomposed(dataset=DS, study="sap", study_key="k", run_id="rs", stage="split", stage_key="s",
+                                 mechanism="dx", eta=5.0, guarantee="local")
+        assert [(r.mechanism, r.eta) for r in ledger.history(DS)] == [("dp_sgd", None), ("dx", 5.0)]
+    with DatasetLedger(path) as again:  # a second opening finds the columns there
+        assert len(again.history(DS)) == 2
+
+
 def test_plain_path_creates_a_private_file(tmp_path):
     path = tmp_path / "new" / "folder" / "ledger.db"
     with DatasetLedger(path) as ledger:

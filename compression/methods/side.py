@@ -26,12 +26,16 @@ _SIDE_FILE = "side_network.pt"
 class SideConfig:
     """reduction: r, the side network's widths (hidden, each head, FFN) are the backbone's divided by it (8 gives
     ~1/60 of the layers' parameters). drop_layers: backbone layer indices (0-based) with no side layer nor ladder.
-    temperature: T of the gates, mu = sigmoid(alpha / T)."""
+    temperature: T of the gates, mu = sigmoid(alpha / T). attention_dropout: dropout on the side layers' attention
+    probabilities (0 by default: with any, PyTorch's scaled-dot-product attention falls back to its math kernel, which
+    keeps every layer's `[B, heads, L, L]` attention maps for backward, the bulk of the side network's training
+    memory; the side layers' other dropouts are the backbone's)."""
 
     name: Literal["side"] = "side"
     reduction: int = 8
     drop_layers: tuple[int, ...] = ()
     temperature: float = 0.1
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
@@ -40,6 +44,8 @@ class SideConfig:
             raise ValueError(f"drop_layers must be layer indices, got {self.drop_layers!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
 
 
 class SideClassifier(TextClassifier):
@@ -103,7 +109,7 @@ def _prepare(model: TextClassifier, config: SideConfig) -> SideClassifier:
     if isinstance(model, SideClassifier):
         return model
     spec = side_spec(model, reduction=config.reduction, drop_layers=config.drop_layers,
-                     temperature=config.temperature)
+                     temperature=config.temperature, attention_dropout=config.attention_dropout)
     with torch.random.fork_rng(devices=[]):  # the modules' own init draws from the global RNG: leave it untouched
         side = LadderSide(model.encoder.config, spec, type(model.layers[0])).to(model.head.weight)
         out = SideClassifier(model.encoder, side=side, num_labels=model.num_labels, pooling=model.pooling,

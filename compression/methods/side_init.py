@@ -12,7 +12,8 @@ from compression.families import require_structured
 from compression.pruning.structured import magnitude_scores
 
 
-def side_spec(model, *, reduction: int, drop_layers: tuple[int, ...], temperature: float) -> dict:
+def side_spec(model, *, reduction: int, drop_layers: tuple[int, ...], temperature: float,
+              attention_dropout: float = 0.0) -> dict:
     """The `LadderSide` spec for `model` (a BERT-like `TextClassifier` with uniform layers): widths divided by
     `reduction` (each head's by it, rounded down, at least 1; the head count kept), no side layer for the backbone
     layers in `drop_layers`."""
@@ -32,7 +33,7 @@ def side_spec(model, *, reduction: int, drop_layers: tuple[int, ...], temperatur
     return {"reduction": reduction, "backbone_hidden_size": config.hidden_size,
             "hidden_size": heads * max(1, head_size // reduction),
             "intermediate_size": max(1, config.intermediate_size // reduction), "layers": kept,
-            "temperature": temperature}
+            "temperature": temperature, "attention_dropout": attention_dropout}
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -35,7 +35,8 @@ class LadderSide(nn.Module):
 
     spec (JSON-ready): backbone_hidden_size; hidden_size, intermediate_size (the side layers' widths; the head count is
     the backbone's, each head `hidden_size / num_attention_heads` wide); layers (the backbone layer indices the side
-    layers follow); temperature (of the gates).
+    layers follow); temperature (of the gates); attention_dropout (of the side layers' attention probabilities; a spec
+    without it keeps the backbone's).
     """
 
     def __init__(self, encoder_config, spec: dict, layer_class: type):
@@ -49,10 +50,12 @@ class LadderSide(nn.Module):
 
     @staticmethod
     def side_config(encoder_config, spec: dict):
-        """The backbone's config with the side layers' widths and count."""
+        """The backbone's config with the side layers' widths, count and attention dropout."""
         config = copy.deepcopy(encoder_config)
         config.hidden_size, config.intermediate_size = spec["hidden_size"], spec["intermediate_size"]
         config.num_hidden_layers = len(spec["layers"])
+        if "attention_dropout" in spec:
+            config.attention_probs_dropout_prob = spec["attention_dropout"]
         return config
 
     @property

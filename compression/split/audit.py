@@ -1,5 +1,5 @@
 """The empirical privacy of a split: what an inversion attack recovers from the token representations the vendor
-receives. `attack` is the one call of a pipeline stage: the customer's privatization of private examples (as sent),
+receives. `attack` is the one call of a pipeline stage: the customer's privatization of its examples (as sent),
 the attacks of privacy.audit.inversion (nearest neighbour at the embeddings; a linear model trained on PUBLIC text
 pushed through the public bottom model and the mechanism), top-1 recovery and EP. Not here: the attacks' math.
 """
@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from compression.data import Split, collate, encode, length_chunks, lengths_of, load_split
+from compression.data import Split, encode, length_chunks, lengths_of, load_split
 from compression.models import TextClassifier
 from compression.split.customer import Customer, vocabulary_table
 from compression.split.training import SplitConfig
@@ -23,8 +23,9 @@ from privacy.mechanisms.dx import NoiseStream
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig:
     """kind: "nearest" (embedding split only), "learned", or "auto" (nearest at split 0, learned deeper).
-    max_private_examples: how many private training examples are attacked (the first ones). max_public_tokens: the
-    learned attack's training tokens. ridge: its regularisation, relative to the features' mean variance."""
+    max_private_examples: how many of the customer's examples are attacked (the first ones of the attacked text).
+    max_public_tokens: the learned attack's training tokens. ridge: its regularisation, relative to the features'
+    mean variance."""
 
     kind: Literal["auto", "nearest", "learned"] = "auto"
     max_private_examples: int = 500
@@ -58,22 +59,40 @@ def public_corpus(data_dir: str, *, tokenizer, tasks: Sequence[str] = ("cola", "
     return encode(Split((sentences,), [0] * len(sentences)), tokenizer, max_length=max_length)
 
 
-def privatized_tokens(customer: Customer, data: dict, *, namespace: str, special_ids: Sequence[int],
-                      max_tokens: int | None = None, batch_size: int = 64):
-    """(representations `[N, H]`, positions `[N]`, token ids `[N]`) of the real, non-special tokens of `data` as the
-    customer sends them (noise from its stream under `namespace`), in example order, at most `max_tokens`."""
+Batches = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def representations(customer: Customer, data: dict, *, special_ids: Sequence[int], max_tokens: int | None = None,
+                    batch_size: int = 64) -> Batches:
+    """(index, hidden, input_ids, mask) of `data`'s batches after the customer's bottom model, before noise, until
+    `max_tokens` real non-special tokens: computed once per split depth and privatized per configuration
+    (`privatized_tokens(..., clean=)`), e.g. the public text of the learned attack."""
     special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
-    reps, positions, tokens, count = [], [], [], 0
+    out, count = [], 0
     for index in length_chunks(torch.arange(len(data["input_ids"])), lengths_of(data), batch_size):
-        hidden = customer.crossing(data, index, namespace=namespace, labels=False).hidden
-        input_ids, mask, _ = collate(data, index)
-        keep = mask.bool() & ~torch.isin(input_ids, special)
-        reps.append(hidden[keep])
-        positions.append(torch.arange(input_ids.shape[1]).expand_as(input_ids)[keep])
-        tokens.append(input_ids[keep])
-        count += int(keep.sum())
+        hidden, input_ids, mask = customer.represent(data, index)
+        out.append((index, hidden, input_ids, mask))
+        count += int((mask.bool() & ~torch.isin(input_ids, special)).sum())
         if max_tokens is not None and count >= max_tokens:
             break
+    return out
+
+
+def privatized_tokens(customer: Customer, data: dict, *, namespace: str, special_ids: Sequence[int],
+                      max_tokens: int | None = None, batch_size: int = 64, clean: Batches | None = None):
+    """(representations `[N, H]`, positions `[N]`, token ids `[N]`) of the real, non-special tokens of `data` as the
+    customer sends them (noise from its stream under `namespace`), in example order, at most `max_tokens`.
+    clean: `representations(...)` of `data` at the customer's split depth, computed earlier (else computed here)."""
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    clean = clean if clean is not None else representations(customer, data, special_ids=special_ids,
+                                                              max_tokens=max_tokens, batch_size=batch_size)
+    reps, positions, tokens = [], [], []
+    for index, hidden, input_ids, mask in clean:
+        sent = customer.privatize(hidden, mask, input_ids, index, namespace=namespace).float()
+        keep = mask.bool() & ~torch.isin(input_ids, special)
+        reps.append(sent[keep])
+        positions.append(torch.arange(input_ids.shape[1]).expand_as(input_ids)[keep])
+        tokens.append(input_ids[keep])
     out = torch.cat(reps), torch.cat(positions), torch.cat(tokens)
     return tuple(t[:max_tokens] for t in out) if max_tokens is not None else out
 
@@ -85,20 +104,25 @@ def _subset(data: dict, count: int) -> dict:
 
 
 def attack(model: TextClassifier, private: dict, public: dict, *, config: SplitConfig, special_ids: Sequence[int],
-           attack_config: AttackConfig | None = None, noise: NoiseStream | None = None) -> InversionResult:
+           attack_config: AttackConfig | None = None, noise: NoiseStream | None = None, attacked: dict | None = None,
+           public_clean: Batches | None = None) -> InversionResult:
     """Top-1 token recovery and EP of an inversion attack on the split `config` (split layer, dx, CTI).
 
-    private: the customer's encoded training data (CTI is fit on all of it; the first `max_private_examples` are
-    attacked as sent). public: encoded public text for the learned attack (and the chance level). special_ids: token
-    ids left out of the score ([CLS], [SEP], padding). noise: the customer's noise (default: fresh, from the OS).
+    private: the customer's encoded training data (CTI is fit on all of it). attacked: the text whose representations
+    are attacked as the customer sends them, its first `max_private_examples` (default: `private` itself; a held-out
+    text of the customer's, e.g. its dev split, keeps the training text out of the reported recovery). public: encoded
+    public text for the learned attack (and the chance level). special_ids: token ids left out of the score ([CLS],
+    [SEP], padding). noise: the customer's noise (default: fresh, from the OS). public_clean: `representations` of
+    `public` at this split depth (the same for every eta and CTI setting at the depth), to compute them once.
     """
     attack_config = attack_config or AttackConfig()
     kind = attack_config.kind if attack_config.kind != "auto" else (
         "nearest" if config.split_layer == 0 else "learned")
     customer = Customer(model, split_layer=config.split_layer, dx=config.dx, noise=noise)
     customer.fit_contributing(private, config.cti)
-    observed, positions, truth = privatized_tokens(customer, _subset(private, attack_config.max_private_examples),
-                                                   namespace="train", special_ids=special_ids)
+    target = _subset(private if attacked is None else attacked, attack_config.max_private_examples)
+    observed, positions, truth = privatized_tokens(customer, target, namespace="train" if attacked is None else
+                                                   "attacked", special_ids=special_ids)
     vocab_size = model.encoder.config.vocab_size
     public_tokens = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids in public["input_ids"]])
     public_tokens = public_tokens[~torch.isin(public_tokens, torch.tensor(sorted(set(special_ids))))]
@@ -110,13 +134,14 @@ def attack(model: TextClassifier, private: dict, public: dict, *, config: SplitC
                                              vocab_size=vocab_size)
     else:
         inversion = _fit_learned(model, customer, public, config=config, special_ids=special_ids,
-                                 attack_config=attack_config)
+                                 attack_config=attack_config, clean=public_clean)
         predicted = inversion.predict(observed)
     return score(predicted, truth, attack=kind, majority_token=majority, vocab_size=vocab_size)
 
 
 def _fit_learned(model: TextClassifier, customer: Customer, public: dict, *, config: SplitConfig,
-                 special_ids: Sequence[int], attack_config: AttackConfig) -> LinearInversion:
+                 special_ids: Sequence[int], attack_config: AttackConfig,
+                 clean: Batches | None = None) -> LinearInversion:
     """The attacker's own customer on public text: the same public bottom and mechanism, its own noise; with CTI,
     random per-token levels (it does not know the contributing set)."""
     simulated = Customer(model, split_layer=config.split_layer, dx=config.dx, noise=NoiseStream())
@@ -125,5 +150,5 @@ def _fit_learned(model: TextClassifier, customer: Customer, public: dict, *, con
         simulated.token_etas = RandomEtas(levels.eta_contributing, levels.eta_other, levels.fraction,
                                           torch.Generator().manual_seed(0))
     features, _, tokens = privatized_tokens(simulated, public, namespace="public", special_ids=special_ids,
-                                            max_tokens=attack_config.max_public_tokens)
+                                            max_tokens=attack_config.max_public_tokens, clean=clean)
     return LinearInversion(vocab_size=model.encoder.config.vocab_size, ridge=attack_config.ridge).fit(features, tokens)

@@ -125,11 +125,17 @@ class Customer:
         return hidden
 
     @torch.no_grad()
+    def represent(self, data: dict, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden `[B, L, H]` after the bottom model, before any noise; input_ids; attention_mask) of the examples
+        `index` of encoded `data`. Un-noised: never sent as is (`privatize` it)."""
+        input_ids, mask, token_types = collate(data, index)
+        return self.bottom.embed(input_ids, mask, token_types, num_layers=self.split_layer), input_ids, mask
+
+    @torch.no_grad()
     def crossing(self, data: dict, index: torch.Tensor, *, namespace: str, labels: bool) -> Crossing:
         """The batch of examples `index` of encoded `data`, as it crosses: privatized representations, the mask, and
         the labels if `labels` (training in the standard split)."""
-        input_ids, mask, token_types = collate(data, index)
-        hidden = self.bottom.embed(input_ids, mask, token_types, num_layers=self.split_layer)
+        hidden, input_ids, mask = self.represent(data, index)
         hidden = self.privatize(hidden, mask, input_ids, index, namespace=namespace)
         return Crossing(hidden=hidden.float().contiguous(), attention_mask=mask.to(torch.uint8),
                         labels=data["labels"][index] if labels else None)

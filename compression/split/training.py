@@ -104,9 +104,10 @@ def _train_batch(customer: Customer, transport: Transport, data: dict, index: to
 
 def train_through(customer: Customer, transport: Transport, train: dict, *, config: SplitConfig,
                   head: CustomerHead | None = None, on_step: OnStep | None = None) -> int:
-    """`config.epochs` passes over `train` through `transport`; returns the number of steps. on_step(step, {"loss"})
-    sees the training loss (private data: a local console, never a tracking server)."""
+    """`config.epochs` passes over `train` through `transport`; returns the number of steps. on_step(step, {"loss",
+    "num_steps"}) sees the training loss (private data: a local console, never a tracking server) and the total."""
     generator, step = torch.Generator().manual_seed(config.seed), 0
+    num_steps = config.epochs * len(_batches(train, batch_size=config.batch_size, generator=None))
     if head is not None:
         head.train()
     for _ in range(config.epochs):
@@ -114,7 +115,7 @@ def train_through(customer: Customer, transport: Transport, train: dict, *, conf
             loss = _train_batch(customer, transport, train, index, head)
             step += 1
             if on_step is not None:
-                on_step(step, {"loss": loss})
+                on_step(step, {"loss": loss, "num_steps": num_steps})
     return step
 
 
@@ -167,12 +168,18 @@ def fine_tune_split(model: TextClassifier, train: dict, dev: dict, *, config: Sp
                "eta": None if math.isinf(config.dx.eta) else config.dx.eta,
                "eta_contributing": etas.eta_contributing if etas else None,
                "eta_other": etas.eta_other if etas else None, "noise": "seeded" if customer.noise.seeded else "secret",
-               "guarantee": _guarantee(config.dx.eta, cti=etas is not None)}
+               "guarantee": guarantee(config)}
     return SplitResult(vendor=vendor, customer=customer, metrics=metrics, head=head)
 
 
-def _guarantee(eta: float, *, cti: bool) -> str:
+def guarantee(config: SplitConfig) -> str:
+    """What split fine-tuning with `config` guarantees the customer, in words: the d_chi bound per token
+    representation (none without noise; with CTI only between tokens given the same eta), and the labels."""
+    eta, cti = config.dx.eta, config.cti.enabled
     if math.isinf(eta):
-        return "none: representations cross unperturbed"
-    text = f"d_chi: {eta:g} * ||x - x'|| per token representation (local; never composed into a central epsilon)"
-    return text + ("; with CTI, only between tokens given the same eta (average eta as stated)" if cti else "")
+        text = "none: representations cross unperturbed"
+    else:
+        text = f"d_chi: {eta:g} * ||x - x'|| per token representation (local; never composed into a central epsilon)"
+        text += "; with CTI, only between tokens given the same eta (average eta as stated)" if cti else ""
+    return text + ("; training labels cross to the vendor unprotected" if config.shape == "standard" else
+                   "; labels stay with the customer")

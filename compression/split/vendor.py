@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 
 from compression.losses import task_loss
-from compression.methods.full import FullConfig
+from compression.methods import merge
 from compression.models import TextClassifier
-from compression.split.adapter import prepare_vendor, vendor_method
+from compression.split.adapter import VENDOR_LORA, VENDOR_METHODS, prepare_vendor, vendor_config
 from compression.split.crossing import Crossing, Gradient, Reply, from_bytes, to_bytes
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -23,11 +23,12 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 @dataclass(frozen=True, kw_only=True)
 class VendorConfig:
-    """method: what trains above the split, a compression.methods config or `SplitLoRAConfig` (default: every
-    parameter of the vendor's blocks). learning_rate: those parameters'; head_learning_rate: the head's (standard
-    split). optimizer: "adamw" or "sgd" (with `momentum`). seed: dropout (the vendor's own randomness, not private)."""
+    """method: what trains above the split, a config of the compression.methods registry (adapter.VENDOR_METHODS;
+    default `VENDOR_LORA`: LoRA on every linear map of the vendor's blocks), applied to the blocks above the split
+    only. learning_rate: those parameters'; head_learning_rate: the head's (standard split). optimizer: "adamw" or
+    "sgd" (with `momentum`). seed: dropout (the vendor's own randomness, not private)."""
 
-    method: object = field(default_factory=lambda: FullConfig(layers="all"))
+    method: object = field(default_factory=lambda: VENDOR_LORA)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = 5e-5
     head_learning_rate: float = 1e-3
@@ -36,6 +37,8 @@ class VendorConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if getattr(self.method, "name", None) not in VENDOR_METHODS:
+            raise ValueError(f"method must be a config of one of {VENDOR_METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (self.learning_rate > 0 and self.head_learning_rate > 0):
@@ -130,4 +133,5 @@ class Vendor:
 
     def export(self) -> TextClassifier:
         """The vendor's fine-tuned model as plain weights (adapters merged); in the U-shaped split it has no head."""
-        return vendor_method(self.config.method.name).merge(copy.deepcopy(self.model), self.config.method)
+        method = vendor_config(self.config.method, num_layers=self.model.num_layers, split_layer=self.split_layer)
+        return merge(copy.deepcopy(self.model), method)
