@@ -31,6 +31,8 @@ class TaskSpec:
 
     `label_names` are the raw label strings of the TSV in class-index order, matching the HF
     `glue` label ids (index i == HF label i); None marks a regression task (STS-B, scores 0-5).
+    `class_names` are what the classes mean, in the same order (the HF `glue` dataset's names), where the raw
+    labels are bare digits: the exported model's and the served predictions' labels (`id2label`).
     `hf_text_columns` names the text columns in the HF dataset where they differ from the TSV.
     """
 
@@ -46,6 +48,7 @@ class TaskSpec:
     columns: tuple[str, ...] | None = None
     hf_config: str = ""
     hf_text_columns: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None
 
     @property
     def num_labels(self) -> int:
@@ -54,6 +57,12 @@ class TaskSpec:
     @property
     def is_regression(self) -> bool:
         return self.label_names is None
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class index -> name (`class_names`, else the raw labels); None for a regression task."""
+        names = self.class_names or self.label_names
+        return None if names is None else dict(enumerate(names))
 
 
 _BINARY = ("0", "1")
@@ -64,11 +73,11 @@ GLUE_TASKS: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec(name="sst2", folder="SST-2", train_file="train.tsv", dev_file="dev.tsv",
                  text_columns=("sentence",), label_column="label", label_names=_BINARY,
-                 metric="accuracy", hf_config="sst2"),
+                 metric="accuracy", hf_config="sst2", class_names=("negative", "positive")),
         TaskSpec(name="cola", folder="CoLA", train_file="train.tsv", dev_file="dev.tsv",
                  text_columns=("sentence",), label_column="label", label_names=_BINARY,
                  metric="matthews", header=False, columns=("source", "label", "mark", "sentence"),
-                 hf_config="cola"),
+                 hf_config="cola", class_names=("unacceptable", "acceptable")),
         TaskSpec(name="stsb", folder="STS-B", train_file="train.tsv", dev_file="dev.tsv",
                  text_columns=("sentence1", "sentence2"), label_column="score", label_names=None,
                  metric="pearson_spearman", hf_config="stsb"),
@@ -81,11 +90,11 @@ GLUE_TASKS: dict[str, TaskSpec] = {
                  hf_config="mnli", hf_text_columns=("premise", "hypothesis")),
         TaskSpec(name="qqp", folder="QQP", train_file="train.tsv", dev_file="dev.tsv",
                  text_columns=("question1", "question2"), label_column="is_duplicate",
-                 label_names=_BINARY, metric="f1", hf_config="qqp"),
+                 label_names=_BINARY, metric="f1", hf_config="qqp", class_names=("not_duplicate", "duplicate")),
         TaskSpec(name="mrpc", folder="MRPC", train_file="train.tsv", dev_file="dev.tsv",
                  text_columns=("#1 String", "#2 String"), label_column="Quality",
                  label_names=_BINARY, metric="f1", hf_config="mrpc",
-                 hf_text_columns=("sentence1", "sentence2")),
+                 hf_text_columns=("sentence1", "sentence2"), class_names=("not_equivalent", "equivalent")),
         TaskSpec(name="rte", folder="RTE", train_file="train.tsv", dev_file="dev.tsv",
                  text_columns=("sentence1", "sentence2"), label_column="label", label_names=_NLI2,
                  metric="accuracy", hf_config="rte"),

@@ -8,7 +8,16 @@ import numpy as np
 from prefect import task
 from transformers import AutoTokenizer
 
-from compression.data import DataConfig, encode, fingerprint, load_source, row_hashes, save_encoded, subsample_task
+from compression.data import (
+    HF_DATASET,
+    DataConfig,
+    encode,
+    fingerprint,
+    load_source,
+    row_hashes,
+    save_encoded,
+    subsample_task,
+)
 from compression.models import model_fingerprint, resolve_model_path
 from privacy import files
 from privacy.fingerprint import owner_key
@@ -40,18 +49,20 @@ def prepare_data(*, data: DataConfig, tokenizer_name: str, output_dir: str, cont
     save_encoded(out / "train.pt", encode(train, tokenizer, max_length=data.max_length))
     save_encoded(out / "dev.pt", encode(dev, tokenizer, max_length=data.max_length))
     files.atomic_write(out / ROWS_FILE, lambda handle: np.save(handle, np.array(sorted(rows), dtype="S64")))
+    where = str((Path(data.dir) / spec.folder).resolve()) if data.dir else f"https://huggingface.co/datasets/{HF_DATASET}"
     meta = {"task": spec.name, "metric": spec.metric, "num_labels": spec.num_labels, "num_train": len(train),
-            "num_dev": len(dev), "fingerprint": digest, "source_fingerprint": source_digest,
-            "source": data.dir or "huggingface hub"}
+            "num_dev": len(dev), "fingerprint": digest, "source_fingerprint": source_digest, "source": where}
     files.write_text(out / "data.json", json.dumps(meta, indent=2))
     ref = DataRef(path=str(out), fingerprint=digest, source_fingerprint=source_digest, task=spec.name,
                   metric=spec.metric, num_labels=spec.num_labels, num_train=len(train), num_dev=len(dev),
-                  files={str(out / name): sha256_of(out / name, key=key) for name in ("train.pt", "dev.pt", ROWS_FILE)})
+                  files={str(out / name): sha256_of(out / name, key=key) for name in ("train.pt", "dev.pt", ROWS_FILE)},
+                  source=where)
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
-        run.params({"task": spec.name, "source": meta["source"], "max_length": data.max_length,
+        run.params({"task": spec.name, "source": where, "max_length": data.max_length,
                     "num_train": len(train), "num_dev": len(dev), "seed": data.seed})
         run.tags({"data_fingerprint": digest, "source_fingerprint": source_digest, "fingerprint": "hmac-sha256"})
+        run.dataset(ref, context="training" if private is None else "calibration")
         mark_finished(out, ref, run.logged)
     return ref
 

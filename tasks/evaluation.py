@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import task
 
-from compression.data import load_encoded
+from compression.data import GLUE_TASKS, load_encoded
 from compression.evaluate import evaluate
 from compression.export import export_hf, sparse_size_report
 from compression.models import load_saved
@@ -20,6 +20,11 @@ from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
 from tasks.caching import FOLDER_CACHED, NOT_CACHED, finished, mark_finished
 from tasks.refs import DataRef, EvalRef, ModelRef, sha256_of
+
+
+def export_folder(model: ModelRef) -> Path:
+    """Where `evaluate_model` exports `model` as a plain HF folder."""
+    return Path(model.path).parent / "evaluation" / "hf"
 
 
 @task(name="evaluate", **FOLDER_CACHED)
@@ -36,7 +41,7 @@ def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: 
         net, tokenizer = load_saved(model.path)
         results = evaluate(net, load_encoded(data.dev_file), metric=data.metric, directory=model.path)
         results.update(epsilon=model.epsilon, delta=model.delta)
-        export_hf(net, tokenizer, out / "hf", id2label=None)
+        export_hf(net, tokenizer, export_folder(model), id2label=GLUE_TASKS[data.task].id2label)
         if model.masks_path:
             report = sparse_size_report(net, load_masks(model.masks_path), out / "sparse")
             results.update(sparse_size_bytes=report["sparse_bytes"], dense_size_bytes=report["dense_bytes"])
@@ -47,7 +52,7 @@ def evaluate_model(*, stage: str, model: ModelRef, data: DataRef, tracking_uri: 
     if model.run_id:
         tracking.log_once(tracking_uri, model.run_id, {f"dev_{k}": v for k, v in done.results.items()
                                                        if k not in ("epsilon", "delta")},
-                          tags={"hf_export": str(out / "hf")})  # a folder on disk: too large to upload per model
+                          tags={"hf_export": str(export_folder(model))})  # on disk: too large to upload per model
     return dataclasses.replace(done, run_id=model.run_id)
 
 

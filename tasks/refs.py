@@ -11,7 +11,8 @@ from privacy.files import sha256_of  # noqa: F401  (re-exported: the refs' diges
 class DataRef:
     """Tokenised train/dev splits on disk and keyed fingerprints (privacy.fingerprint) of the raw data: `fingerprint`
     of the splits used, `source_fingerprint` of the whole train file they were drawn from (the dataset whose lifetime
-    privacy budget the persistent dataset ledger keeps)."""
+    privacy budget the persistent dataset ledger keeps). `source`: where the raw data was read (the local task folder,
+    or the HF hub dataset's address)."""
 
     path: str
     fingerprint: str
@@ -22,6 +23,7 @@ class DataRef:
     num_train: int
     num_dev: int
     files: dict[str, str] = field(default_factory=dict)  # path -> keyed digest (owner key) of the encoded splits
+    source: str = ""
 
     @property
     def train_file(self) -> Path:

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-from pathlib import Path
 
 from prefect import task
 
-from compression.models import load_saved
+from compression.data import GLUE_TASKS
 from privacy.ledger import Ledger, union_epsilon
 from tasks import tracking
 from tasks.caching import NOT_CACHED
+from tasks.evaluation import export_folder
 from tasks.refs import EvalRef, ModelRef
 
-_PACKAGES = Path(__file__).resolve().parents[1]
 TEACHERS = ("teacher", "nonprivate_teacher")
 
 
@@ -38,19 +37,40 @@ def choose_release(models: list[ModelRef], evaluations: list[EvalRef], *, scope:
 @task(name="register_model", **NOT_CACHED)
 def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope: str, register_stage: str | None,
                    name: str, task_name: str, tracking_uri: str) -> str:
-    """Log the released model (`choose_release`) and register it, tagged with what its epsilon means: with a
-    selection, the union of every model compared. Models trained with seeded noise get no epsilon tag."""
+    """Log the released model (`choose_release`) as its exported HF folder, served by tasks/serving.py, register it
+    tagged and described with what its epsilon means (with a selection: the union of every model compared; models
+    trained with seeded noise get no epsilon tag), and make it the `champion`."""
     model, compared = choose_release(models, evaluations, scope=scope, register_stage=register_stage)
-    net, _ = load_saved(model.path)
     ledgers = [Ledger.load(m.ledger_path) for m in (compared or [model])]
     last = ledgers[-1].entries[-1]
     noise = "seeded" if not all(ledger.has_guarantee for ledger in ledgers) else last.noise
     epsilon = union_epsilon(ledgers, delta=model.delta, accountant=last.accountant)
     scope_text = (f"union of the {len(ledgers)} models compared to select it" if compared else "its own ledger")
-    tags = {**tracking.guarantee_tags(epsilon=epsilon, delta=model.delta, accountant=last.accountant, noise=noise),
-            "epsilon_scope": scope_text, "stage": model.stage, "task": task_name, "model_sha256": model.sha256}
-    if version := tracking.registered_version(uri=tracking_uri, name=name, tags=tags):
-        return version  # this store has it already (a rerun): once per model and store, checked in the store itself
-    requirements = [f"{p}=={md.version(p)}" for p in ("torch", "transformers")]
-    return tracking.register_model(uri=tracking_uri, run_id=model.run_id, model=net, name=name, tags=tags,
-                                   pip_requirements=requirements, code_paths=[str(_PACKAGES / "compression")])
+    guarantee = {"epsilon": epsilon, "delta": model.delta, "accountant": last.accountant, "noise": noise}
+    tags = {**tracking.guarantee_tags(**guarantee), "epsilon_scope": scope_text, "stage": model.stage,
+            "task": task_name, "model_sha256": model.sha256}
+    description = (f"{tracking.guarantee_text(**guarantee)} Epsilon scope: {scope_text}. "
+                   f"{_what_it_does(model.stage, task_name)}")
+    version = tracking.registered_version(uri=tracking_uri, name=name, tags=tags)
+    if version is None:  # else this store has it already (a rerun): once per model and store, checked in the store
+        # the installed versions, without a local label such as +cpu (PyPI has none)
+        requirements = [f"{p}=={md.version(p).split('+')[0]}" for p in ("torch", "transformers", "pandas")]
+        version = tracking.register_model(uri=tracking_uri, run_id=model.run_id, folder=export_folder(model),
+                                          name=name, tags=tags, description=description,
+                                          example=_example(task_name), pip_requirements=requirements)
+    return tracking.promote(uri=tracking_uri, name=name, version=version, description=description)
+
+
+def _what_it_does(stage: str, task_name: str) -> str:
+    labels = GLUE_TASKS[task_name].id2label
+    output = (f"`label` (one of {', '.join(labels.values())}) and its probability `score`" if labels else
+              "the predicted `score`")
+    return (f"Stage {stage} of a dpcompress study on {task_name}. Input: a column `text` (and `text_pair` for sentence "
+            f"pairs); output: {output}.")
+
+
+def _example(task_name: str) -> list[dict]:
+    """The registered model's input example: made-up sentences (never data), pairs for a sentence-pair task."""
+    pair = len(GLUE_TASKS[task_name].text_columns) == 2
+    return [{"text": "a warm, funny and moving film", **({"text_pair": "the film is moving"} if pair else {})},
+            {"text": "a dull, tedious mess", **({"text_pair": "the film is brilliant"} if pair else {})}]

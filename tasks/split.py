@@ -47,6 +47,7 @@ def split_stage(*, stage: str, config: SplitConfig, data: DataRef, model: ModelC
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
         run.params({"split": jsonable(config), "max_train_examples": max_train_examples})
+        run.dataset(data)
         metrics = fine_tune_split(net, train, load_encoded(data.dev_file), config=config, metric=data.metric,
                                   noise=NoiseStream(seed=config.seed) if seeded else None,
                                   on_step=console_progress(stage, "split, local d_chi noise")).metrics

@@ -65,6 +65,7 @@ def run_dp_stage(*, name: str, budget: StageBudget, model, tokenizer, data: Data
         event = budget.event
         run.params({"train": vars(train), "method": vars(method), "noise_multiplier": event.noise_multiplier,
                     "sample_rate": event.sample_rate, "num_steps": event.num_steps, **(params or {})})
+        run.dataset(data)
         if released is None:
             model = prepare(model, method)
             dp_train(model, load_encoded(Path(data.path) / "train.pt"), config=train, method=method, event=event,
@@ -119,6 +120,7 @@ def run_release(*, name: str, budget: StageBudget, release: Callable[[], dict], 
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=name,
                             stage_key=out.name) as run:
         run.params({"mechanism": budget.mechanism, "noise_multiplier": budget.noise_multiplier})
+        run.dataset(data)
         _log_release(run, ledger, budget, out)
         mark_finished(out, released, run.logged)
     run_logger().info("%s: released (sigma %.3g, epsilon now %.3f)", name, budget.noise_multiplier,

@@ -51,6 +51,7 @@ def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, method, t
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
         run.params({"train": vars(train), "method": vars(method), "private": False, "model": vars(model)})
+        run.dataset(data)
         net = prepare(net, method)
         dp_train(net, load_encoded(data.train_file), config=train, method=method, noise_multiplier=0.0,
                  checkpoint_dir=out / "checkpoint", on_step=console_progress(stage))

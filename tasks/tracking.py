@@ -13,11 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, RunStatus
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from compression.data import GLUE_TASKS
+from tasks.refs import DataRef
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "dpcompress.study_key"
+# MLflow 3 opens an experiment without this tag in its GenAI (traces) view; this one is model training's.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+CHAMPION = "champion"  # the alias of the registered model's current release
+SERVING_CODE = Path(__file__).with_name("serving.py")
 
 
 def client(uri: str) -> MlflowClient:
@@ -33,11 +43,15 @@ def artifact_root(uri: str) -> str | None:
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment `name` (created if new), marked as model training (also one an older version created)."""
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
+    if found is None:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:
+            mlflow_client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: dict, kind: str = "study") -> str:
@@ -76,7 +90,7 @@ class StageRun:
 
     def __init__(self, mlflow_client: MlflowClient, run_id: str):
         self.client, self.run_id = mlflow_client, run_id
-        self.logged: dict = {"params": {}, "metrics": {}, "tags": {}, "artifacts": []}
+        self.logged: dict = {"params": {}, "metrics": {}, "tags": {}, "artifacts": [], "datasets": []}
 
     def params(self, params: dict) -> None:
         for key, value in _flatten(params).items():
@@ -102,6 +116,32 @@ class StageRun:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
             self.logged["tags"][key] = str(value)
+
+    def dataset(self, data: DataRef, *, context: str = "training") -> None:
+        """Record `data` as the run's dataset input: its task, where it was read, its keyed fingerprint and row
+        counts; never a row."""
+        self.datasets([dataset_entry(data, context=context)])
+
+    def datasets(self, entries: list[dict]) -> None:
+        """Log dataset inputs given as `dataset_entry` dicts (what `logged` keeps)."""
+        inputs = [DatasetInput(Dataset(**{k: v for k, v in entry.items() if k != "context"}),
+                               tags=[InputTag("mlflow.data.context", entry["context"])]) for entry in entries]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+        self.logged["datasets"] += entries
+
+
+def dataset_entry(data: DataRef, *, context: str) -> dict:
+    """An MLflow dataset input's fields for `data`: name (the task), digest (the first 32 hex digits of its keyed
+    fingerprint: MLflow keeps 36 characters), source, schema (the task's columns) and profile (row counts)."""
+    spec = GLUE_TASKS[data.task]
+    local = not data.source.startswith(("http://", "https://"))
+    columns = [{"type": "string", "name": name} for name in spec.text_columns]
+    columns.append({"type": "double" if spec.is_regression else "long", "name": spec.label_column})
+    return {"name": data.task, "digest": data.fingerprint[:32], "source_type": "local" if local else "http",
+            "source": json.dumps({"uri": data.source} if local else {"url": data.source}),
+            "schema": json.dumps({"mlflow_colspec": columns}),
+            "profile": json.dumps({"num_rows": data.num_train, "num_train": data.num_train, "num_dev": data.num_dev}),
+            "context": context}
 
 
 STAGE_KEY_TAG = "dpcompress.stage_key"
@@ -151,21 +191,39 @@ def replay(*, uri: str, parent_run_id: str, stage: str, stage_key: str, logged: 
         run.params(logged["params"])
         run.tags(logged["tags"])
         run.metrics(logged["metrics"])
+        if logged.get("datasets"):
+            run.datasets(logged["datasets"])
         for path, artifact_path in logged["artifacts"]:
             if Path(path).exists():
                 run.artifact(path, artifact_path)
     return run.run_id
 
 
-def register_model(*, uri: str, run_id: str, model, name: str, tags: dict, pip_requirements: list[str],
-                   code_paths: list[str]) -> str:
-    """Log `model` (pytorch flavour) under `run_id`, register it as `name`, tag the version; returns the version."""
+def register_model(*, uri: str, run_id: str, folder: str | Path, name: str, tags: dict, description: str,
+                   example: list[dict], pip_requirements: list[str]) -> str:
+    """Log the exported HF `folder` under `run_id` as an MLflow pyfunc model from code (tasks/serving.py: nothing is
+    pickled) and register it as `name`, with `tags` and `description`; returns the version. `example` (made-up
+    inputs, never data: MLflow stores it and runs the model on it once, a check that it serves) is the model's
+    input example."""
     mlflow.set_tracking_uri(uri)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text"), ColSpec("string", "text_pair", required=False)]),
+        outputs=Schema([ColSpec("string", "label", required=False), ColSpec("double", "score")]))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        pip_requirements=pip_requirements, code_paths=code_paths)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE), artifacts={"model": str(folder)},
+                                       signature=signature, input_example=pd.DataFrame(example),
+                                       pip_requirements=pip_requirements)
     version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    client(uri).update_model_version(name, version.version, description=description)
     return str(version.version)
+
+
+def promote(*, uri: str, name: str, version: str, description: str) -> str:
+    """Point the alias `champion` of registered model `name` at `version`, and say so in the model's description."""
+    mlflow_client = client(uri)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    mlflow_client.update_registered_model(name, description=f"@{CHAMPION} (version {version}): {description}")
+    return version
 
 
 def registered_version(*, uri: str, name: str, tags: dict) -> str | None:
@@ -178,6 +236,17 @@ def registered_version(*, uri: str, name: str, tags: dict) -> str | None:
         return None
     found = [v for v in versions if all(v.tags.get(k) == value for k, value in wanted.items())]
     return str(max(int(v.version) for v in found)) if found else None
+
+
+def guarantee_text(*, epsilon: float, delta: float, accountant: str, noise: str) -> str:
+    """What a private model's guarantee is, in words (a registered model's description)."""
+    unit = "Unit of privacy: one training example (add/remove)."
+    if noise == "seeded":
+        return (f"NO differential-privacy guarantee: its noise was seeded from the config (privacy.reproducible_noise, "
+                f"a test mode); with secret noise the same settings give epsilon = {epsilon:.4f} at delta = "
+                f"{delta:.3g}. {unit}")
+    return (f"A differentially private release: ({epsilon:.4f}, {delta:.3g})-DP, i.e. epsilon = {epsilon:.4f} at "
+            f"delta = {delta:.3g} ({accountant.upper()} accountant, Poisson sampling, {noise} noise). {unit}")
 
 
 def guarantee_tags(*, epsilon: float, delta: float, accountant: str, noise: str) -> dict[str, str]:

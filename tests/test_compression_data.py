@@ -85,6 +85,13 @@ def test_registry_is_complete_and_consistent():
     assert GLUE_TASKS["qnli"].label_names == ("entailment", "not_entailment")
     for name, spec in GLUE_TASKS.items():
         assert spec.name == name and spec.hf_config == name
+    # what the classes mean (the HF glue dataset's names), for exported and served models: never a bare digit
+    names = {name: spec.id2label and tuple(spec.id2label.values()) for name, spec in GLUE_TASKS.items()}
+    assert names == {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"), "stsb": None,
+                     "qnli": ("entailment", "not_entailment"), "mnli": ("entailment", "neutral", "contradiction"),
+                     "qqp": ("not_duplicate", "duplicate"), "mrpc": ("not_equivalent", "equivalent"),
+                     "rte": ("entailment", "not_entailment")}
+    assert all(list(spec.id2label) == list(range(spec.num_labels)) for spec in GLUE_TASKS.values() if spec.id2label)
 
 
 def test_subsampling_is_deterministic_and_seed_sensitive(glue_dir):

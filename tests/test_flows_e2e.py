@@ -130,7 +130,13 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     path = _config(tmp_path, tiny_model, mlflow_server, "tiny", privacy={"dataset_budget": 30.0})
     trained = Calls(monkeypatch, "tasks.stage.dp_train")
     losses = _record_losses(monkeypatch)
-    rows = study(config_path=str(path))
+    from_mlflow = LocalLines()  # what MLflow says while the study logs and registers
+    logging.getLogger("mlflow").addHandler(from_mlflow)
+    try:
+        rows = study(config_path=str(path))
+    finally:
+        logging.getLogger("mlflow").removeHandler(from_mlflow)
+    assert not [line for line in from_mlflow.lines if "pickle" in line.lower()]  # registered as code, not pickled
     # Nothing computed on private examples left the process: no loss value and no training text in Prefect's logs
     # or persisted results (they live on the server and in result storage), only on the local console.
     assert len(losses) >= 12 and any("loss " in line for line in local_console.lines)
@@ -151,6 +157,7 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3 opens it as model training
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("dpcompress.kind") == "study"]
     assert len(parents) == 1
@@ -167,6 +174,12 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     assert version.tags["sampling"] == "poisson" and version.tags["epsilon_scope"] == "its own ledger"
     prepared = next(r for r in runs if r.info.run_name == "prepare_data")
     assert prepared.data.tags["fingerprint"] == "hmac-sha256" and len(prepared.data.tags["data_fingerprint"]) == 64
+    (data_input,) = teacher.inputs.dataset_inputs  # the stage's dataset: task, keyed digest, counts; no rows
+    assert data_input.dataset.name == "sst2"
+    assert data_input.dataset.digest == prepared.data.tags["data_fingerprint"][:32]
+    assert json.loads(data_input.dataset.profile)["num_train"] == 48
+    champion = client.get_model_version_by_alias("tiny-sst2", "champion")
+    assert champion.version == version.version and "Unit of privacy: one training example" in champion.description
 
     began = time.monotonic()
     again = study(config_path=str(path))
@@ -180,6 +193,8 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     repaired = study(config_path=str(path))
     assert trained.count == 5 and repaired[:3] == rows[:3]  # distill alone trained again
+    newest = max(int(v.version) for v in client.search_model_versions("name='tiny-sst2'"))
+    assert int(client.get_model_version_by_alias("tiny-sst2", "champion").version) == newest > 1  # the new release
     evaluated = json.loads((stages["distill"] / "evaluation" / "done.json").read_text())
     assert json.dumps(evaluated).count(sha256_of(stages["distill"] / "model")) == 1  # the retrained model's, not stale
     shutil.rmtree(stages["prune_2"])
@@ -194,7 +209,9 @@ def test_study_runs_tracks_and_reruns_from_cache(tmp_path, mlflow_server, prefec
     moved_runs = moved.search_runs([moved.get_experiment_by_name("e2e").experiment_id])
     assert {"teacher", "prune_1", "prune_2", "distill"} <= {r.info.run_name for r in moved_runs}
     assert {r.info.status for r in moved_runs} == {"FINISHED"}
-    assert moved.search_model_versions("name='tiny-sst2'")
+    assert moved.search_model_versions("name='tiny-sst2'") and moved.get_model_version_by_alias("tiny-sst2", "champion")
+    moved_teacher = next(r for r in moved_runs if r.info.run_name == "teacher")
+    assert moved_teacher.inputs.dataset_inputs[0].dataset.digest == data_input.dataset.digest  # replayed with it
     assert not (Path.cwd() / "mlruns").exists()  # a local store keeps its artifacts beside its database
     assert list((tmp_path / "other" / "mlartifacts").rglob("results.md"))
 
@@ -250,6 +267,7 @@ def test_failed_middle_stage_resumes_without_recomputing_earlier(tmp_path, mlflo
     version = MlflowClient(mlflow_server).search_model_versions("name='resume-sst2'")[0]
     assert "epsilon" not in version.tags and version.tags["noise"] == "seeded"
     assert version.tags["dp_guarantee"].startswith("none")
+    assert version.description.startswith("NO differential-privacy guarantee")
 
 
 def test_cli_rejects_a_bad_key_before_any_work(tmp_path):

@@ -133,6 +133,7 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
     stage_run = client.search_runs([experiment], filter_string="attributes.run_name = 'split_k1_eta20_cti'")[0]
     assert stage_run.data.tags["guarantee"] == "local dχ guarantee, no central DP"
     assert stage_run.data.tags["dx_eta"] == "20.0" and "attack_recovery" in stage_run.data.metrics
+    assert [d.dataset.name for d in stage_run.inputs.dataset_inputs] == ["sst2"]  # the private data it trained on
 
     before = {p.name: p.stat().st_mtime_ns for p in (study_dir / "stages").iterdir()}
     received.clear()
