@@ -57,6 +57,8 @@ class DatasetLedger:
         self._engine = store.open_engine(self.url, create=create)
         if create:
             store.create_schema(self._engine)
+        else:
+            store.upgrade_schema(self._engine)
 
     def __repr__(self) -> str:
         return f"DatasetLedger({self.url.render_as_string(hide_password=True)!r})"

@@ -170,12 +170,27 @@ def create_schema(engine: sa.Engine) -> None:
     rows get NULL: central DP releases), inside an exclusive transaction (two first users do not race)."""
     with transaction(engine, exclusive=True) as conn:
         metadata.create_all(conn)
-        present = {column["name"] for column in sa.inspect(conn).get_columns(releases.name)}
-        for name in ADDED_COLUMNS:
-            if name not in present:
-                column = releases.c[name]
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(sa.text(f"ALTER TABLE {releases.name} ADD COLUMN {name} {kind}"))
+        _add_missing_columns(conn)
+
+
+def upgrade_schema(engine: sa.Engine) -> None:
+    """For a store opened without `create`: add ADDED_COLUMNS to an existing releases table created before them (a
+    ledger written by an earlier version stays readable by `budget spent` and the pre-flight); nothing else is
+    created, and a store without the table is left as it is."""
+    if not sa.inspect(engine).has_table(releases.name):
+        return
+    if set(ADDED_COLUMNS) <= {column["name"] for column in sa.inspect(engine).get_columns(releases.name)}:
+        return
+    with transaction(engine, exclusive=True) as conn:
+        _add_missing_columns(conn)
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    present = {column["name"] for column in sa.inspect(conn).get_columns(releases.name)}
+    for name in ADDED_COLUMNS:
+        if name not in present:
+            kind = releases.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {releases.name} ADD COLUMN {name} {kind}"))
 
 
 def composes(mechanism: str) -> bool:

@@ -242,16 +242,34 @@ def test_a_local_dx_release_is_recorded_with_its_guarantee_and_never_composed_or
         ledger.record_uncomposed(**local, mechanism="dx", eta=float("inf"), guarantee="")
 
 
-def test_a_ledger_created_before_the_uncomposed_columns_gains_them(tmp_path):
+def _old_ledger(path):
+    """A ledger file as the first version of the table made it (no ADDED_COLUMNS)."""
     import sqlalchemy as sa
 
-    path = tmp_path / "old.db"
     engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:  # the table as the first version made it
+    with engine.begin() as conn:
         ledger_store.metadata.create_all(conn)
         for name in ledger_store.ADDED_COLUMNS:
             conn.execute(sa.text(f"ALTER TABLE {ledger_store.releases.name} DROP COLUMN {name}"))
     engine.dispose()
+    return path
+
+
+def test_a_ledger_created_before_the_uncomposed_columns_is_read_without_create(tmp_path):
+    """`budget spent` and the pre-flight open the ledger read-only (create=False): an earlier version's file reads."""
+    path = _old_ledger(tmp_path / "old.db")
+    with DatasetLedger(path, create=False) as ledger:
+        assert ledger.history(DS) == []
+    with DatasetLedger(path) as ledger:
+        spend(ledger, study="first", run_id="r1", budget=10.0, plan=PLAN[:1])
+    with DatasetLedger(path, create=False) as ledger:
+        assert [(r.mechanism, r.eta) for r in ledger.history(DS)] == [("dp_sgd", None)]
+    with pytest.raises(FileNotFoundError):
+        DatasetLedger(tmp_path / "missing.db", create=False)
+
+
+def test_a_ledger_created_before_the_uncomposed_columns_gains_them(tmp_path):
+    path = _old_ledger(tmp_path / "old.db")
     with DatasetLedger(path) as ledger:
         spend(ledger, study="first", run_id="r1", budget=10.0, plan=PLAN[:1])
         ledger.record_uncomposed(dataset=DS, study="sap", study_key="k", run_id="rs", stage="split", stage_key="s",
