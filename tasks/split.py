@@ -28,6 +28,7 @@ from tasks.stage import console_progress, reuse
 
 LOCAL = "local dχ guarantee, no central DP"
 NONE = "no guarantee: representations cross unperturbed, no central DP"
+SEEDED = "none: noise seeded from the config (privacy.reproducible_noise, a test mode), no central DP"
 
 
 @task(name="split_stage", **FOLDER_CACHED)
@@ -48,14 +49,17 @@ def split_stage(*, stage: str, config: SplitConfig, data: DataRef, model: ModelC
                             stage_key=out.name) as run:
         run.params({"split": jsonable(config), "max_train_examples": max_train_examples})
         run.dataset(data)
+        # the use of the data is in the ledger before any of it crosses to the vendor (idempotent: a retried stage
+        # records it once)
+        noise = "none" if math.isinf(config.dx.eta) else "seeded" if seeded else "secret"
+        record = _record(stage, config, data, noise=noise)
+        _record_use(context, stage, out.name, record)
+        files.write_text(out / "record.json", json.dumps(record, indent=2))
         metrics = fine_tune_split(net, train, load_encoded(data.dev_file), config=config, metric=data.metric,
                                   noise=NoiseStream(seed=config.seed) if seeded else None,
                                   on_step=console_progress(stage, "split, local d_chi noise")).metrics
         results = {"dev": metrics["dev"], "num_steps": metrics["num_steps"], "num_train": metrics["num_train"]}
         files.write_text(out / "split.json", json.dumps(metrics, indent=2))  # eta levels of CTI: local only
-        record = _record(stage, config, data, noise=metrics["noise"])
-        files.write_text(out / "record.json", json.dumps(record, indent=2))
-        _record_use(context, stage, out.name, record)
         run.metrics({f"dev_{k}": v for k, v in results["dev"].items()} | {"num_steps": results["num_steps"]})
         run.tags(_tags(record))
         run.artifact(out / "record.json")
@@ -69,9 +73,10 @@ def split_stage(*, stage: str, config: SplitConfig, data: DataRef, model: ModelC
 
 def _record(stage: str, config: SplitConfig, data: DataRef, *, noise: str) -> dict:
     noisy = not math.isinf(config.dx.eta)
+    said = SEEDED if noise == "seeded" else guarantee(config)
     return {"format": "dpcompress.split_release/1", "stage": stage, "mechanism": "dx" if noisy else "nonprivate",
             "eta": config.dx.eta if noisy else "inf", "unit": "one token representation", "central_dp": False,
-            "composed_into_epsilon": False, "guarantee": guarantee(config), "cti": config.cti.enabled,
+            "composed_into_epsilon": False, "guarantee": said, "cti": config.cti.enabled,
             "crossed": "privatized token representations after block k, attention masks, training labels",
             "noise": noise, "dataset_fingerprint": data.fingerprint}
 
@@ -84,13 +89,14 @@ def _record_use(context: RunContext, stage: str, stage_key: str, record: dict) -
         lifetime.record_uncomposed(
             dataset=account.dataset, study=account.study, study_key=account.study_key, run_id=account.run_id,
             stage=stage, stage_key=stage_key, mechanism=record["mechanism"], guarantee=record["guarantee"],
-            eta=record["eta"] if record["mechanism"] == "dx" else None, noise=record["noise"])
+            eta=record["eta"] if record["mechanism"] == "dx" else None,
+            noise="" if record["noise"] == "none" else record["noise"])
 
 
 def _tags(record: dict) -> dict:
     said = LOCAL if record["mechanism"] == "dx" else NONE
     if record["noise"] == "seeded":
-        said = "none: noise seeded from the config (privacy.reproducible_noise, a test mode), no central DP"
+        said = SEEDED
     return {"guarantee": said, "central_dp": "none",
             "dx_eta": str(record["eta"]), "unit_of_privacy": record["unit"], "labels": "cross to the vendor",
             "cti": str(record["cti"]).lower(), "noise": record["noise"]}

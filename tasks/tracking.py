@@ -165,11 +165,12 @@ def stage_run(*, uri: str, parent_run_id: str, stage: str, stage_key: str = "") 
 
 
 def log_once(uri: str, run_id: str, metrics: dict, *, tags: dict) -> None:
-    """Log `metrics` and `tags` to `run_id` unless it already holds the metrics (a reused stage's evaluation)."""
+    """Log `metrics` and `tags` to `run_id`, each metric unless the run already holds it with the same value (a reused
+    stage's evaluation logs nothing again; one recomputed with other settings updates the run)."""
     mlflow_client = client(uri)
     have = mlflow_client.get_run(run_id).data.metrics
     run = StageRun(mlflow_client, run_id)
-    run.metrics({k: v for k, v in metrics.items() if k not in have})
+    run.metrics({k: v for k, v in metrics.items() if k not in have or have[k] != v})
     run.tags(tags)
 
 

@@ -90,9 +90,16 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
     from privacy.accounting import compose_epsilon
     from privacy.dataset_ledger import DatasetLedger
 
-    received, handle = [], Vendor.handle
-    monkeypatch.setattr(Vendor, "handle", lambda self, route, payload: (received.append((route, payload)),
-                                                                         handle(self, route, payload))[1])
+    received, handle, recorded_first = [], Vendor.handle, []
+
+    def vendor_sees(self, route, payload):
+        if route == "train" and not any(r == "train" for r, _ in received):  # a stage's first crossing
+            with DatasetLedger(tmp_path / "ledger.db", create=False) as ledger:
+                recorded_first.append([r.mechanism for r in ledger.history()])
+        received.append((route, payload))
+        return handle(self, route, payload)
+
+    monkeypatch.setattr(Vendor, "handle", vendor_sees)
     path = _config(tmp_path)
     study(config_path=str(path))
     study_dir = tmp_path / "runs" / "sap"
@@ -106,6 +113,7 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
 
     # the vendor saw the crossing schema only: float representations, masks, training labels; never ids or text
     assert {route for route, _ in received} == {"train", "eval"}
+    assert recorded_first == [["dp_sgd", "nonprivate"]]  # the use is in the ledger before any data crosses
     for route, payload in received:
         assert field_names(payload) == ["hidden", "attention_mask"] + (["labels"] if route == "train" else [])
 
@@ -116,7 +124,7 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
         local = by_stage["split_k1_eta20_cti"]
         assert (local.eta, local.event, local.noise) == (20.0, None, "secret")
         assert "per token representation" in local.guarantee and "labels cross" in local.guarantee
-        assert "unperturbed" in by_stage["split_k1_plain"].guarantee
+        assert "unperturbed" in by_stage["split_k1_plain"].guarantee and by_stage["split_k1_plain"].noise == ""
         teacher = by_stage["teacher"]
         assert ledger.epsilon(teacher.dataset, delta=teacher.delta, accountant="rdp") == pytest.approx(
             compose_epsilon([teacher.event], delta=teacher.delta, accountant="rdp"))  # the split stages: never
