@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -200,8 +201,12 @@ def test_the_champion_serves_labels_over_http(released):
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a stuck server does not outlive the test
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
         log.close()
     predictions = answer["predictions"]
     assert len(predictions) == 2
