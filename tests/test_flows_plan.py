@@ -1,4 +1,6 @@
 """flows.plan: which lines a config makes, their stage names and shares, and the plan under each scope."""
+from pathlib import Path
+
 import pytest
 
 from flows.config import ConfigError, load_config
@@ -212,3 +214,16 @@ def test_finetune_section_refuses_bad_lines(tmp_path):
         _cfg(tmp_path, "finetune: {enabled: true}\n")
     with pytest.raises(ConfigError, match=r"finetune.lines.lora.method.lora.rnak: unknown key"):
         _cfg(tmp_path, "finetune: {enabled: true, lines: {lora: {method: {name: lora, rnak: 4}}}}\n")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "flows" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_plans_within_its_epsilon(path):
+    """The configs the README names load, and every stage's cumulative epsilon meets the config's (n as the config caps
+    it, or SST-2's 67,349 training examples)."""
+    from flows.plan import cumulative_epsilons
+
+    config = load_config(path)
+    n = config.data.max_train_examples or 67_349
+    spent = cumulative_epsilons(config, plan_study(config, n))
+    assert spent and max(spent.values()) <= config.privacy.epsilon * (1 + 1e-6)
