@@ -15,6 +15,7 @@ listed in the history with what it guarantees, never composed into (nor refused 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -57,8 +58,9 @@ class DatasetLedger:
         self._engine = store.open_engine(self.url, create=create)
         if create:
             store.create_schema(self._engine)
-        else:
-            store.upgrade_schema(self._engine)
+        else:  # best effort: a store it cannot reach or read fails on first use, where the callers report it
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                store.upgrade_schema(self._engine)
 
     def __repr__(self) -> str:
         return f"DatasetLedger({self.url.render_as_string(hide_password=True)!r})"
