@@ -46,12 +46,16 @@ def every_other_layer(teacher: TextClassifier, config: StudentConfig | None = No
     return _keep_layers(teacher, config.layer_map if config else None)
 
 
-def random_init(teacher: TextClassifier, config: StudentConfig | None = None, **_) -> TextClassifier:
-    """Baseline: the zero-shot student's shape with freshly initialised weights."""
+def random_init(teacher: TextClassifier, config: StudentConfig | None = None, *, seed: int = 0,
+                **_) -> TextClassifier:
+    """Baseline: the zero-shot student's shape with freshly initialised weights, drawn from `seed` (a public
+    initialisation, not privacy randomness) so that a line's rerun, in any process, starts from the same student."""
     student = every_other_layer(teacher, config)
-    student.encoder = fresh_encoder_like(student)
-    nn.init.normal_(student.head.weight, std=0.02)
-    nn.init.zeros_(student.head.bias)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student.encoder = fresh_encoder_like(student)
+        nn.init.normal_(student.head.weight, std=0.02)
+        nn.init.zeros_(student.head.bias)
     return student
 
 
@@ -80,7 +84,7 @@ STUDENT_INITS: dict[str, Callable[..., TextClassifier]] = {
 
 
 def make_student(teacher: TextClassifier, config: StudentConfig, **context) -> TextClassifier:
-    """The student for `config.init`; `context` (base, teacher_vocab) reaches initialisers that use it."""
+    """The student for `config.init`; `context` (base, teacher_vocab, seed) reaches initialisers that use it."""
     return STUDENT_INITS[config.init](teacher, config, **context)
 
 

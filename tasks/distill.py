@@ -27,7 +27,7 @@ def distill(*, stage: str, budget: StageBudget, teacher: ModelRef, ledger_from: 
     if done := reuse(out, stage, context):
         return done
     net, tokenizer = load_saved(teacher.path)
-    model = make_student(net, student, base=base_model,
+    model = make_student(net, student, base=base_model, seed=train.seed,
                          teacher_vocab=tokenizer.get_vocab() if tokenizer is not None else None)
     return run_dp_stage(name=stage, budget=budget, model=model, tokenizer=tokenizer, data=data, train=train,
                         method=method, out=out, ledger_from=ledger_from, context=context,
