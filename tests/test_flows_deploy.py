@@ -118,21 +118,24 @@ def _start_server(processes: Processes, tmp_path: Path) -> tuple[str, dict[str, 
     return api_url, env
 
 
-def _wait_healthy(processes: Processes, api_url: str, timeout_s: float = 180) -> None:
+def _wait_healthy(processes: Processes, url: str, timeout_s: float = 180, *, name: str = "server",
+                  what: str = "prefect server") -> None:
+    """Wait until `url`/health answers 200, failing with the log of `processes`' `name` if it exits or times out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert processes.started["server"].poll() is None, "prefect server exited" + processes.log("server")
+        assert processes.started[name].poll() is None, f"{what} exited" + processes.log(name)
         try:
-            if urllib.request.urlopen(f"{api_url}/health", timeout=2).status == 200:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                 return
         except OSError:
             time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {timeout_s}s" + processes.log("server"))
+    pytest.fail(f"{what} not healthy after {timeout_s}s" + processes.log(name))
 
 
-def _tiny_study(tmp_path: Path) -> Path:
-    """The quickstart on a 2-layer BERT built from a config (no download), 48 train and 32 dev rows, teacher only."""
-    from mlflow import MlflowClient
+def tiny_study(tmp_path: Path, *, name: str, output_dir: Path, tracking: dict, dataset_budget: float | None = 100.0
+               ) -> Path:
+    """The quickstart on a 2-layer BERT built from a config (no download), 48 train and 32 dev rows, teacher only;
+    data.dir unset (the run's glue_dir parameter), its own dataset ledger. Written to `tmp_path`/NAME.yaml."""
     from transformers import AutoTokenizer
 
     from compression.models import build_tiny, resolve_model_path, save_classifier
@@ -141,18 +144,28 @@ def _tiny_study(tmp_path: Path) -> Path:
     save_classifier(build_tiny(vocab_size=30522, hidden_size=32, num_layers=2, intermediate_size=64, seed=0),
                     AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), model)
     cfg = yaml.safe_load((ROOT / "flows/configs/quickstart.yaml").read_text())
-    cfg.update(name="tiny", output_dir=str(tmp_path / "runs"), model={"name_or_path": str(model)})
-    cfg["data"].update(max_train_examples=48, max_eval_examples=32)  # data.dir: the run's glue_dir parameter
+    cfg.update(name=name, output_dir=str(output_dir), model={"name_or_path": str(model)})
+    cfg["data"].update(max_train_examples=48, max_eval_examples=32)
     cfg["teacher"].update(train={"epochs": 1, "batch_size": 16, "physical_batch_size": 8},
                           method={"name": "full", "layers": 2})
     cfg["prune"]["enabled"] = cfg["distill"]["enabled"] = False
-    cfg["privacy"].update(dataset_ledger=str(tmp_path / "ledger.db"), dataset_budget=100.0)
-    cfg["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "deployed"}
-    # with a sqlite store, a new experiment's artifacts go to ./mlruns of the run's working directory (the checkout)
-    MlflowClient(cfg["tracking"]["uri"]).create_experiment("deployed", artifact_location=str(tmp_path / "artifacts"))
-    path = tmp_path / "tiny.yaml"
+    cfg["privacy"]["dataset_ledger"] = str(output_dir / "ledger.db")
+    if dataset_budget is not None:
+        cfg["privacy"]["dataset_budget"] = dataset_budget
+    cfg["tracking"] = tracking
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _tiny_study(tmp_path: Path) -> Path:
+    """`tiny_study` tracked to a sqlite store of its own."""
+    from mlflow import MlflowClient
+
+    tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "deployed"}
+    # with a sqlite store, a new experiment's artifacts go to ./mlruns of the run's working directory (the checkout)
+    MlflowClient(tracking["uri"]).create_experiment("deployed", artifact_location=str(tmp_path / "artifacts"))
+    return tiny_study(tmp_path, name="tiny", output_dir=tmp_path / "runs", tracking=tracking)
 
 
 def _run_cli(processes: Processes, name: str, args: list[str], env: dict[str, str], timeout_s: float = 180) -> None:

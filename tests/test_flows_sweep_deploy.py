@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_flows_deploy import GLUE, ROOT, Processes, _run_cli, _start_server, _wait_healthy
+from test_flows_deploy import GLUE, ROOT, Processes, _run_cli, _start_server, _wait_healthy, tiny_study
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")]
@@ -28,25 +27,9 @@ def processes(tmp_path):
 
 
 def _base_study(tmp_path: Path, mlflow_uri: str) -> Path:
-    """A teacher-only study on a 2-layer BERT built from a config (no download), 48 train and 32 dev rows."""
-    from transformers import AutoTokenizer
-
-    from compression.models import build_tiny, resolve_model_path, save_classifier
-
-    model = tmp_path / "tiny-bert"
-    save_classifier(build_tiny(vocab_size=30522, hidden_size=32, num_layers=2, intermediate_size=64, seed=0),
-                    AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), model)
-    cfg = yaml.safe_load((ROOT / "flows/configs/quickstart.yaml").read_text())
-    cfg.update(name="tiny", output_dir=str(tmp_path / "shared"), model={"name_or_path": str(model)})
-    cfg["data"].update(max_train_examples=48, max_eval_examples=32)
-    cfg["teacher"].update(train={"epochs": 1, "batch_size": 16, "physical_batch_size": 8},
-                          method={"name": "full", "layers": 2})
-    cfg["prune"]["enabled"] = cfg["distill"]["enabled"] = False
-    cfg["privacy"].update(dataset_ledger=str(tmp_path / "shared" / "ledger.db"), dataset_budget=100.0)
-    cfg["tracking"] = {"uri": mlflow_uri, "experiment": "sweep-e2e"}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The tiny teacher-only study, its stage outputs and ledger in a folder every worker reaches."""
+    return tiny_study(tmp_path, name="tiny", output_dir=tmp_path / "shared",
+                      tracking={"uri": mlflow_uri, "experiment": "sweep-e2e"})
 
 
 def _run_sweep(client, deployment_id, config: Path, processes: Processes):

@@ -21,9 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from compose_file import database_urls, load
-from test_flows_deploy import GLUE, ROOT, Processes, _free_port, _prefect_env, _wait_healthy
+from test_flows_deploy import GLUE, ROOT, Processes, _free_port, _prefect_env, _wait_healthy, tiny_study
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")]
@@ -167,18 +166,6 @@ def _start_servers(postgres: Postgres, processes: Processes, spec: dict, tmp_pat
     return f"http://127.0.0.1:{mlflow_port}", api_url, env
 
 
-def _wait_mlflow(processes: Processes, url: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert processes.started["mlflow"].poll() is None, "mlflow server exited" + processes.log("mlflow")
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {START_TIMEOUT_S}s" + processes.log("mlflow"))
-
-
 def _status(url: str, host: str) -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=30) as answer:
@@ -202,26 +189,10 @@ def _check_host_names(spec: dict, mlflow_url: str, api_url: str) -> None:
 
 
 def _tiny_study(tmp_path: Path) -> Path:
-    """The quickstart on a 2-layer BERT built from a config (no download), 48 train and 32 dev rows, teacher only;
-    no tracking.uri: the run reads $MLFLOW_TRACKING_URI, as on the stack's worker."""
-    from transformers import AutoTokenizer
-
-    from compression.models import build_tiny, resolve_model_path, save_classifier
-
-    model = tmp_path / "tiny-bert"
-    save_classifier(build_tiny(vocab_size=30522, hidden_size=32, num_layers=2, intermediate_size=64, seed=0),
-                    AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), model)
-    cfg = yaml.safe_load((ROOT / "flows/configs/quickstart.yaml").read_text())
-    cfg.update(name="stack", output_dir=str(tmp_path / "runs"), model={"name_or_path": str(model)})
-    cfg["data"].update(max_train_examples=48, max_eval_examples=32)
-    cfg["teacher"].update(train={"epochs": 1, "batch_size": 16, "physical_batch_size": 8},
-                          method={"name": "full", "layers": 2})
-    cfg["prune"]["enabled"] = cfg["distill"]["enabled"] = False
-    cfg["privacy"].update(dataset_ledger=str(tmp_path / "ledger.db"))
-    cfg["tracking"] = {"experiment": "stack"}
-    path = tmp_path / "stack.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The tiny teacher-only study with no tracking.uri: the run reads $MLFLOW_TRACKING_URI, as on the stack's
+    worker; no dataset_budget, the default."""
+    return tiny_study(tmp_path, name="stack", output_dir=tmp_path / "runs", tracking={"experiment": "stack"},
+                      dataset_budget=None)
 
 
 def test_a_study_runs_through_postgres_backed_mlflow_and_prefect_servers(stack, tmp_path):
@@ -236,7 +207,7 @@ def test_a_study_runs_through_postgres_backed_mlflow_and_prefect_servers(stack, 
     _create_databases(postgres, spec)
     mlflow_url, api_url, env = _start_servers(postgres, processes, spec, tmp_path)
     config = _tiny_study(tmp_path)  # while the servers start
-    _wait_mlflow(processes, mlflow_url)
+    _wait_healthy(processes, mlflow_url, START_TIMEOUT_S, name="mlflow", what="mlflow server")
     _wait_healthy(processes, api_url, START_TIMEOUT_S)
     started = time.monotonic()
     _check_host_names(spec, mlflow_url, api_url)
