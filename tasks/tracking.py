@@ -57,7 +57,8 @@ def experiment_id(uri: str, name: str) -> str:
 def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: dict, kind: str = "study") -> str:
     """The parent run of a study (or of a sweep of studies, `kind`): reused when the same study (same config) is run
     or resumed again. Stage runs an earlier, killed run left RUNNING are marked KILLED (nothing of a killed stage is
-    released)."""
+    released). Its config.json is always this run's config (sections outside the study key, such as `split` or
+    `execution`, may differ from the run that created it); its params stay those of the first run."""
     mlflow_client = client(uri)
     exp = experiment_id(uri, experiment)
     runs = mlflow_client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{study_key}'", max_results=1)
@@ -68,6 +69,7 @@ def study_run(*, uri: str, experiment: str, study_key: str, name: str, config: d
         for orphan in orphans:
             mlflow_client.set_terminated(orphan.info.run_id, "KILLED")
         mlflow_client.update_run(run_id, status="RUNNING")
+        _log_dict(mlflow_client, run_id, config, "config.json")
         return run_id
     run = mlflow_client.create_run(exp, run_name=name, tags={STUDY_TAG: study_key, "dpcompress.kind": kind})
     _log_dict(mlflow_client, run.info.run_id, config, "config.json")

@@ -106,6 +106,22 @@ def test_a_rerun_marks_the_runs_a_killed_run_left_running_as_killed(stores):
     assert location == (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()  # not the cwd
 
 
+def test_a_rerun_of_the_same_study_logs_the_config_it_ran_with(stores):
+    """Sections outside the study key (split, execution, tracking) can change between runs of one study: the
+    parent run's config.json is the latest run's."""
+    import json
+
+    import mlflow
+
+    uri = stores[0]
+    parent = tracking.study_run(uri=uri, experiment="e", study_key="same", name="study", config={"split": {"k": 2}})
+    assert tracking.study_run(uri=uri, experiment="e", study_key="same", name="study",
+                              config={"split": {"k": 4}}) == parent
+    with mlflow.utils.file_utils.TempDir() as tmp:
+        path = tracking.client(uri).download_artifacts(parent, "config.json", tmp.path())
+        assert json.loads(Path(path).read_text()) == {"split": {"k": 4}}
+
+
 def test_a_stage_reused_in_another_store_is_logged_there_again(tmp_path, stores):
     first, second = stores
     (tmp_path / "stage").mkdir()
