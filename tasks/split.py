@@ -48,7 +48,7 @@ def split_stage(*, stage: str, config: SplitConfig, data: DataRef, model: ModelC
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
         run.params({"split": jsonable(config), "max_train_examples": max_train_examples})
-        run.dataset(data)
+        run.dataset(data, num_rows=len(train["labels"]))
         # the use of the data is in the ledger before any of it crosses to the vendor (idempotent: a retried stage
         # records it once)
         noise = "none" if math.isinf(config.dx.eta) else "seeded" if seeded else "secret"

@@ -119,10 +119,10 @@ class StageRun:
             self.client.set_tag(self.run_id, key, str(value))
             self.logged["tags"][key] = str(value)
 
-    def dataset(self, data: DataRef, *, context: str = "training") -> None:
+    def dataset(self, data: DataRef, *, context: str = "training", num_rows: int | None = None) -> None:
         """Record `data` as the run's dataset input: its task, where it was read, its keyed fingerprint and row
-        counts; never a row."""
-        self.datasets([dataset_entry(data, context=context)])
+        counts (`num_rows`: the training rows the stage used, when a sample of them); never a row."""
+        self.datasets([dataset_entry(data, context=context, num_rows=num_rows)])
 
     def datasets(self, entries: list[dict]) -> None:
         """Log dataset inputs given as `dataset_entry` dicts (what `logged` keeps)."""
@@ -132,9 +132,10 @@ class StageRun:
         self.logged["datasets"] += entries
 
 
-def dataset_entry(data: DataRef, *, context: str) -> dict:
+def dataset_entry(data: DataRef, *, context: str, num_rows: int | None = None) -> dict:
     """An MLflow dataset input's fields for `data`: name (the task), digest (the first 32 hex digits of its keyed
-    fingerprint: MLflow keeps 36 characters), source, schema (the task's columns) and profile (row counts)."""
+    fingerprint: MLflow keeps 36 characters), source, schema (the task's columns) and profile (row counts: num_rows
+    the training rows the stage used, `num_rows` or all of them)."""
     spec = GLUE_TASKS[data.task]
     local = not data.source.startswith(("http://", "https://"))
     columns = [{"type": "string", "name": name} for name in spec.text_columns]
@@ -142,7 +143,8 @@ def dataset_entry(data: DataRef, *, context: str) -> dict:
     return {"name": data.task, "digest": data.fingerprint[:32], "source_type": "local" if local else "http",
             "source": json.dumps({"uri": data.source} if local else {"url": data.source}),
             "schema": json.dumps({"mlflow_colspec": columns}),
-            "profile": json.dumps({"num_rows": data.num_train, "num_train": data.num_train, "num_dev": data.num_dev}),
+            "profile": json.dumps({"num_rows": data.num_train if num_rows is None else num_rows,
+                                   "num_train": data.num_train, "num_dev": data.num_dev}),
             "context": context}
 
 
