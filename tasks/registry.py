@@ -48,7 +48,7 @@ def register_final(*, models: list[ModelRef], evaluations: list[EvalRef], scope:
     scope_text = (f"union of the {len(ledgers)} models compared to select it" if compared else "its own ledger")
     guarantee = {"epsilon": epsilon, "delta": model.delta, "accountant": last.accountant, "noise": noise}
     tags = {**tracking.guarantee_tags(**guarantee), "epsilon_scope": scope_text, "stage": model.stage,
-            "task": task_name, "model_sha256": model.sha256}
+            "task": task_name, "model_sha256": model.sha256, **tracking.MODEL_FORMAT}
     description = (f"{tracking.guarantee_text(**guarantee)} Epsilon scope: {scope_text}. "
                    f"{_what_it_does(model.stage, task_name)}")
     version = tracking.registered_version(uri=tracking_uri, name=name, tags=tags)

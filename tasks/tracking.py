@@ -28,6 +28,8 @@ STUDY_TAG = "dpcompress.study_key"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 CHAMPION = "champion"  # the alias of the registered model's current release
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# what a registered version holds: a rerun reuses only a version of this format (an older dpcompress pickled it)
+MODEL_FORMAT = {"model_format": "pyfunc-from-code:hf-folder"}
 
 
 def client(uri: str) -> MlflowClient:

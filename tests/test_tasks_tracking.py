@@ -174,6 +174,24 @@ def test_a_rerun_keeps_the_version_and_moves_the_champion_back_to_it(released):
     assert str(client.get_model_version_by_alias("tiny-sst2", "champion").version) == "1"
 
 
+def test_a_version_an_older_dpcompress_registered_in_another_format_is_not_reused(released):
+    """Same model and guarantee, but registered before the pyfunc-from-code format (no model_format tag): a rerun
+    registers the servable version and makes it the champion."""
+    from tasks.registry import register_final
+
+    client = MlflowClient(released["uri"])
+    current = client.get_model_version("tiny-sst2", "1")
+    client.create_registered_model("tiny-old")
+    old = client.create_model_version("tiny-old", current.source, run_id=current.run_id,
+                                      tags={k: v for k, v in current.tags.items() if k != "model_format"})
+    version = register_final.fn(models=[released["teacher"]], evaluations=[released["evaluation"]], scope="study",
+                                register_stage=None, name="tiny-old", task_name="sst2",
+                                tracking_uri=released["uri"])
+    assert version != str(old.version)
+    assert client.get_model_version("tiny-old", version).tags["model_format"] == "pyfunc-from-code:hf-folder"
+    assert str(client.get_model_version_by_alias("tiny-old", "champion").version) == version
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
