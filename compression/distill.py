@@ -60,16 +60,16 @@ def random_init(teacher: TextClassifier, config: StudentConfig | None = None, *,
 
 
 def pretrained_init(teacher: TextClassifier, config: StudentConfig | None = None, *, base: str | None = None,
-                    teacher_vocab: dict | None = None) -> TextClassifier:
+                    teacher_vocab: dict | None = None, seed: int = 0, **_) -> TextClassifier:
     """A public pretrained model with a fresh head: `config.pretrained` (all its layers, or `config.layer_map`), else
     `base`, the teacher's own public starting point, cut to `config.layer_map` (default every other layer, so the
-    student is compact). Public weights: no privacy cost. Its vocabulary must equal the teacher's
-    (`teacher_vocab`), since both read the same tokenised private data."""
+    student is compact), its fresh head drawn from `seed`. Public weights: no privacy cost. Its vocabulary must equal
+    the teacher's (`teacher_vocab`), since both read the same tokenised private data."""
     name = (config.pretrained if config else None) or base
     if not name:
         raise ValueError("distill.student.pretrained: init 'pretrained' needs a model name or path")
     student, tokenizer = load_classifier(name, num_labels=teacher.num_labels, pooling=teacher.pooling,
-                                         dropout=teacher.dropout.p)
+                                         dropout=teacher.dropout.p, seed=seed)
     if teacher_vocab is not None and tokenizer is not None and tokenizer.get_vocab() != teacher_vocab:
         raise ValueError(f"distill.student.pretrained={name!r}: its tokenizer differs from the teacher's; "
                          "a pretrained student must share the teacher's vocabulary")

@@ -161,7 +161,7 @@ SAVED_KINDS: dict[str, Callable[[TextClassifier, dict, Path], TextClassifier]] =
 def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None = None, dropout: float = 0.1,
                     seed: int = 0) -> tuple[TextClassifier, object]:
     """A pretrained base model (hub name, local folder, or the bundled default) of a registered family with a fresh
-    head, and its tokenizer. `pooling` None: the family's default.
+    head drawn from `seed`, and its tokenizer. `pooling` None: the family's default.
 
     A folder written by `save_classifier` is loaded whole, head included.
     """
@@ -174,8 +174,9 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None =
         raise FileNotFoundError(f"model {name_or_path!r}: no local folder or cached hub model "
                                 f"could be loaded ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(seed)
-    return TextClassifier(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout), tokenizer
+    with torch.random.fork_rng(devices=[]):  # the fresh head from `seed`; the caller's generator left as it was
+        torch.manual_seed(seed)
+        return TextClassifier(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout), tokenizer
 
 
 def _encoder(path, config=None) -> PreTrainedModel:

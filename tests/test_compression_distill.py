@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compression.distill import StudentConfig, every_other_layer, make_student, random_init
+from compression.distill import STUDENT_INITS, StudentConfig, every_other_layer, make_student, random_init
 from compression.models import build_tiny, save_classifier
 
 
@@ -65,6 +65,25 @@ def test_pretrained_student_loads_public_weights_with_a_fresh_head(tmp_path):
     assert full.num_layers == 4  # an explicit public student keeps all its layers
     compact = make_student(teacher, StudentConfig(init="pretrained"), base=str(tmp_path / "public"))
     assert compact.num_layers == 2  # the teacher's base, cut to every other layer
+
+
+@pytest.mark.parametrize("init", sorted(STUDENT_INITS))
+def test_every_student_init_takes_what_the_distill_task_passes(tmp_path, init):
+    """tasks/distill.py passes base, teacher_vocab and seed to whichever init the config names; the seed alone decides
+    a fresh head (or encoder), and the caller's global generator is left alone."""
+    save_classifier(build_tiny(num_layers=4, seed=1), None, tmp_path / "public")
+    (tmp_path / "public" / "classifier.json").unlink()
+    teacher = build_tiny(num_layers=4, seed=0)
+    context = {"base": str(tmp_path / "public"), "teacher_vocab": None}
+    torch.manual_seed(1)
+    first = make_student(teacher, StudentConfig(init=init), seed=3, **context)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)
+    again = make_student(teacher, StudentConfig(init=init), seed=3, **context)
+    other = make_student(teacher, StudentConfig(init=init), seed=4, **context)
+    assert torch.equal(first.head.weight, again.head.weight)
+    assert torch.equal(first.head.weight, other.head.weight) == (init == "every_other")  # the teacher's head
 
 
 def test_pretrained_student_needs_the_teachers_vocabulary(tmp_path):
