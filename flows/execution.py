@@ -4,11 +4,13 @@ stages run inside it, in a Dask worker process, as they would in the flow's proc
 (flows/kinds.py). The dataset ledger keeps concurrent stages race-free (an exclusive transaction per check)."""
 from __future__ import annotations
 
+import time
+
 from prefect import task
 from prefect.futures import wait
 
 from flows.config import ExecutionSection
-from flows.kinds import Run, run_line
+from flows.kinds import Run, line_time, run_line
 from flows.plan import Stage
 from tasks.caching import NOT_CACHED
 from tasks.refs import ModelRef
@@ -18,9 +20,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 
 @task(name="model_line", **NOT_CACHED)
-def model_line(*, stages: list[Stage], run: Run) -> list[ModelRef]:
-    """One independent line, in a Dask worker: its models in run order."""
-    return run_line(stages, run, run.teacher)[0]
+def model_line(*, stages: list[Stage], run: Run) -> tuple[list[ModelRef], dict]:
+    """One independent line, in a Dask worker: its models in run order, and its timing (`flows.kinds.line_time`)."""
+    began = time.time()
+    return run_line(stages, run, run.teacher)[0], line_time(began)
 
 
 def task_runner(execution: ExecutionSection):
@@ -37,11 +40,14 @@ def task_runner(execution: ExecutionSection):
                                           "processes": True, "dashboard_address": None, "env": env})
 
 
-def run_concurrently(lines: list[list[Stage]], run: Run) -> list[ModelRef]:
-    """Every line at once on the cluster; the models in line order (the sequential run's order). A failed line
-    fails the study after every other line has finished (their stages are kept for the rerun)."""
+def run_concurrently(lines: dict[str, list[Stage]], run: Run) -> tuple[list[ModelRef], dict[str, dict]]:
+    """Every line at once on the cluster: the models in line order (the sequential run's order), and each line's
+    timing. A failed line fails the study after every other line has finished (their stages are kept for the
+    rerun)."""
     with task_runner(run.cfg.execution) as runner:
-        futures = [runner.submit(model_line, parameters={"stages": line, "run": run}) for line in lines]
-        wait(futures)
-        results = [future.result() for future in futures]  # raises the first failed line's error
-    return [model for models in results for model in models]
+        futures = {name: runner.submit(model_line, parameters={"stages": line, "run": run})
+                   for name, line in lines.items()}
+        wait(list(futures.values()))
+        results = {name: future.result() for name, future in futures.items()}  # raises a failed line's error
+    return [model for models, _ in results.values() for model in models], {
+        name: timing for name, (_, timing) in results.items()}

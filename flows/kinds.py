@@ -6,8 +6,13 @@ when it runs, so that planning (`dpcompress budget plan`) never loads the orches
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from flows.config import StudyConfig
 from flows.plan import Stage
@@ -181,19 +186,40 @@ def run_lines(run: Run) -> list[ModelRef]:
     """Every line from the DP teacher, stage after stage; returns the models, in run order. Scope "study": each stage
     extends the ledger of the stage run before it, across lines, so the last one covers the whole study; scope
     "line": its own line's (a line independent of the teacher starts a ledger of its own), so lines are independent
-    and run concurrently where `execution` names a Dask cluster."""
+    and run concurrently where `execution` names a Dask cluster. Each line's wall time goes to `LINE_TIMES`."""
     from flows.plan import model_lines
 
-    lines = list(model_lines(run.cfg).values())
+    lines = model_lines(run.cfg)
     if run.cfg.privacy.scope == "line" and run.cfg.execution.concurrent and len(lines) > 1:
         from flows.execution import run_concurrently
 
-        return run_concurrently(lines, run)
-    models, last = [], run.teacher
-    for line in lines:
-        line_models, last = run_line(line, run, last)
-        models += line_models
+        models, times = run_concurrently(lines, run)
+    else:
+        models, times, last = [], {}, run.teacher
+        for name, line in lines.items():
+            began = time.time()
+            line_models, last = run_line(line, run, last)
+            models += line_models
+            times[name] = line_time(began)
+    write_line_times(run, times)
     return models
+
+
+LINE_TIMES = Path("timings") / "lines.json"  # in the study folder
+
+
+def line_time(began: float) -> dict:
+    """A line's timing from `began` (epoch seconds) to now, and the process that ran it."""
+    return {"began": round(began, 3), "seconds": round(time.time() - began, 3),
+            "process": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def write_line_times(run: Run, times: dict[str, dict]) -> None:
+    """Every line's wall time, start and process in the study folder's `LINE_TIMES` (orchestration facts, nothing of
+    the data; stays local). A rerun replaces it: reused stages take seconds."""
+    path = Path(run.output_dir) / LINE_TIMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(times, indent=2))
 
 
 def run_line(line: list[Stage], run: Run, last: ModelRef | StatsRef) -> tuple[list[ModelRef], ModelRef | StatsRef]:

@@ -1,6 +1,7 @@
 """One run of a study at a time: an exclusive lock on its folder, held for the whole flow run. A second
 `dpcompress run` of the same study (or a deployment run of it) stops at once with one line, before it touches the
-tracking store or any stage folder."""
+tracking store or any stage folder. Within a run, concurrent lines that need the same shared folder take turns
+(`folder_lock`)."""
 from __future__ import annotations
 
 import contextlib
@@ -55,3 +56,18 @@ def study_lock(study_dir: str | Path) -> Iterator[Path]:
         yield path
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Wait for, then hold, an exclusive lock on `folder` (created if missing): lines running concurrently (on Dask
+    workers) that need the same shared result compute it once; the others wait, then find it finished. The lock dies
+    with its process (flock)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".compute.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

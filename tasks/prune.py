@@ -22,6 +22,7 @@ from privacy import files
 from privacy.config import StageBudget
 from privacy.noise import make_generator
 from tasks.caching import FOLDER_CACHED, finished, mark_finished, stage_dir
+from tasks.lock import folder_lock
 from tasks.refs import DataRef, ModelRef, RunContext, StatsRef, sha256_of
 from tasks.stage import console_progress, reuse, run_dp_stage, run_release
 
@@ -65,13 +66,17 @@ def public_targets(*, teacher: ModelRef, calibration: list[DataRef], split_pairs
 
 
 def _public_tensors(out, stage: str, compute) -> StatsRef:
-    """Tensors computed from public text only (no privacy cost, no ledger, nothing logged), kept in `out`."""
+    """Tensors computed from public text only (no privacy cost, no ledger, nothing logged), kept in `out`: computed
+    once, by the first of the concurrent lines that need them (the others wait for it)."""
     if done := finished(out):
         return done
-    path = files.torch_save(compute(), out / "tensors.pt")
-    ref = StatsRef(stage=stage, path=str(path), sha256=sha256_of(path))
-    mark_finished(out, ref)
-    return ref
+    with folder_lock(out):
+        if done := finished(out):  # another line computed them while this one waited
+            return done
+        path = files.torch_save(compute(), out / "tensors.pt")
+        ref = StatsRef(stage=stage, path=str(path), sha256=sha256_of(path))
+        mark_finished(out, ref)
+        return ref
 
 
 def _texts(calibration: list[DataRef], split_pairs: bool) -> dict:

@@ -93,6 +93,36 @@ def test_one_run_of_a_study_at_a_time(tmp_path):
         pass
 
 
+def _public_worker(out: str, calls: str, ready: str) -> str:
+    import os
+    import time
+
+    import torch
+
+    from tasks.prune import _public_tensors
+
+    def compute():
+        with open(calls, "a") as f:
+            f.write("x")
+        time.sleep(1.0)  # while the other process asks for the same tensors
+        return {"t": torch.ones(2)}
+
+    Path(ready, str(os.getpid())).touch()
+    while len(list(Path(ready).iterdir())) < 2:  # both processes imported: ask at the same moment
+        time.sleep(0.01)
+    return _public_tensors(Path(out), "public_targets", compute).sha256
+
+
+def test_concurrent_lines_compute_shared_public_tensors_once(tmp_path):
+    """Two processes (as two Dask workers running per-target pruning lines) asking for the same public tensors: one
+    computes them, the other waits and reuses them."""
+    out, calls, ready = tmp_path / "stages" / "public_targets-abc", tmp_path / "calls.txt", tmp_path / "ready"
+    ready.mkdir()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        digests = pool.starmap(_public_worker, [(str(out), str(calls), str(ready))] * 2)
+    assert calls.read_text() == "x" and len(set(digests)) == 1, (calls.read_text(), digests)
+
+
 def test_a_rerun_marks_the_runs_a_killed_run_left_running_as_killed(stores):
     uri = stores[0]
     parent = tracking.study_run(uri=uri, experiment="e", study_key="killed", name="study", config={})
