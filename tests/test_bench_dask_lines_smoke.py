@@ -1,5 +1,7 @@
 """Smoke test: `bench/dask_lines.py` runs a two-line study sequentially and on 2 local Dask workers and writes its
-JSON: wall times, every line's time from its stages, the same models (the test mode's seeded noise), an estimate."""
+JSON: wall times, every line's time and process (timings/lines.json), the same models (the test mode's seeded noise),
+an estimate for more workers."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,11 +11,17 @@ import pytest
 from test_flows_execution import GLUE, _config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from dask_lines import schedule_s  # noqa: E402
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("dask_lines", ROOT / "bench" / "dask_lines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_longest_first_schedule():
+    schedule_s = _bench().schedule_s
     assert schedule_s([5, 4, 3, 3, 1], 1) == 16
     assert schedule_s([5, 4, 3, 3, 1], 2) == 8   # 5+3 | 4+3+1
     assert schedule_s([5, 4, 3], 8) == 5
@@ -35,11 +43,16 @@ def test_dask_lines_bench_on_a_tiny_study(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["lines"] == {"distill_every_other": ["distill_every_other"], "distill_random": ["distill_random"]}
-    for run in ("sequential", "dask"):
-        assert result[run]["wall_s"] > 0
-        assert set(result[run]["line_s"]) == set(result["lines"]) and min(result[run]["line_s"].values()) > 0
-        assert result[run]["before_lines_s"] >= result[run]["stage_s"]["teacher"] > 0
+    lines = {"distill_every_other", "distill_random"}
+    for name in ("sequential", "dask"):
+        run = result[name]
+        assert set(run["line_s"]) == lines and set(run["metric"]) == lines | {"teacher"}
+        assert 0 < run["lines_span_s"] < run["wall_s"] and run["outside_lines_s"] > 0
+    # sequential lines follow each other with nothing between them
+    assert sum(result["sequential"]["line_s"].values()) == pytest.approx(result["sequential"]["lines_span_s"], abs=1)
+    assert len(set(result["dask"]["line_process"].values())) == 2  # one line on each worker
+    assert len(set(result["sequential"]["line_process"].values())) == 1
     assert result["dask"]["metric"] == result["sequential"]["metric"]  # seeded test-mode noise: the same models
-    assert set(result["dask"]["metric"]) == {"teacher", "distill_every_other", "distill_random"}
-    assert result["estimate_wall_s_by_workers"]["2"] <= result["estimate_wall_s_by_workers"]["1"]
+    longest = max(result["dask"]["line_s"].values())
+    assert result["estimate_wall_s_by_workers"]["2"] == pytest.approx(
+        result["dask"]["outside_lines_s"] + longest, abs=0.2)
