@@ -114,7 +114,7 @@ def test_every_stage_run_names_its_dataset_by_keyed_digest_and_counts_never_rows
         assert dataset.digest not in plain  # keyed: not a plain hash of the data
 
 
-def test_a_stage_that_trains_on_a_sample_says_how_many_rows_it_used(released):
+def test_a_dataset_entry_counts_the_rows_a_stage_sampled_beside_the_datasets(released):
     entry = tracking.dataset_entry(released["data"], context="training", num_rows=5)
     assert json.loads(entry["profile"]) == {"num_rows": 5, "num_train": 32, "num_dev": 2}
 
