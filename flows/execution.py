@@ -4,13 +4,11 @@ stages run inside it, in a Dask worker process, as they would in the flow's proc
 (flows/kinds.py). The dataset ledger keeps concurrent stages race-free (an exclusive transaction per check)."""
 from __future__ import annotations
 
-import time
-
 from prefect import task
 from prefect.futures import wait
 
 from flows.config import ExecutionSection
-from flows.kinds import Run, line_time, run_line
+from flows.kinds import Run, timed_line
 from flows.plan import Stage
 from tasks.caching import NOT_CACHED
 from tasks.refs import ModelRef
@@ -21,9 +19,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 @task(name="model_line", **NOT_CACHED)
 def model_line(*, stages: list[Stage], run: Run) -> tuple[list[ModelRef], dict]:
-    """One independent line, in a Dask worker: its models in run order, and its timing (`flows.kinds.line_time`)."""
-    began = time.time()
-    return run_line(stages, run, run.teacher)[0], line_time(began)
+    """One independent line, in a Dask worker: its models in run order, and its timing (`flows.kinds.timed_line`)."""
+    models, _, timing = timed_line(stages, run, run.teacher)
+    return models, timing
 
 
 def task_runner(execution: ExecutionSection):

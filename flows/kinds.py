@@ -197,10 +197,8 @@ def run_lines(run: Run) -> list[ModelRef]:
     else:
         models, times, last = [], {}, run.teacher
         for name, line in lines.items():
-            began = time.time()
-            line_models, last = run_line(line, run, last)
+            line_models, last, times[name] = timed_line(line, run, last)
             models += line_models
-            times[name] = line_time(began)
     write_line_times(run, times)
     return models
 
@@ -208,10 +206,13 @@ def run_lines(run: Run) -> list[ModelRef]:
 LINE_TIMES = Path("timings") / "lines.json"  # in the study folder
 
 
-def line_time(began: float) -> dict:
-    """A line's timing from `began` (epoch seconds) to now, and the process that ran it."""
-    return {"began": round(began, 3), "seconds": round(time.time() - began, 3),
-            "process": f"{socket.gethostname()}:{os.getpid()}"}
+def timed_line(line: list[Stage], run: Run, last: ModelRef | StatsRef
+               ) -> tuple[list[ModelRef], ModelRef | StatsRef, dict]:
+    """`run_line`, and the line's timing: when it began (epoch seconds), its wall time and the process that ran it."""
+    began = time.time()
+    models, last = run_line(line, run, last)
+    return models, last, {"began": round(began, 3), "seconds": round(time.time() - began, 3),
+                          "process": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def write_line_times(run: Run, times: dict[str, dict]) -> None:
