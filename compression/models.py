@@ -37,7 +37,14 @@ class ModelConfig:
 
     name_or_path: str = DEFAULT_MODEL
     pooling: Literal["mean", "cls", "last"] | None = None   # None: the family's default (mean; last for GPT-2)
-    dropout: float = 0.1
+    dropout: float = 0.1           # before the head
+    encoder_dropout: float | None = None  # every dropout inside the base model; None: its own config's (BERT: 0.1)
+
+    def __post_init__(self) -> None:
+        for name in ("dropout", "encoder_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"model.{name} must be in [0, 1), got {value!r}")
 
 
 def model_fingerprint(name_or_path: str | None) -> str:
@@ -159,9 +166,10 @@ SAVED_KINDS: dict[str, Callable[[TextClassifier, dict, Path], TextClassifier]] =
 
 
 def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None = None, dropout: float = 0.1,
-                    seed: int = 0) -> tuple[TextClassifier, object]:
+                    seed: int = 0, encoder_dropout: float | None = None) -> tuple[TextClassifier, object]:
     """A pretrained base model (hub name, local folder, or the bundled default) of a registered family with a fresh
-    head drawn from `seed`, and its tokenizer. `pooling` None: the family's default.
+    head drawn from `seed`, and its tokenizer. `pooling` None: the family's default. `encoder_dropout` None: the base
+    model's own dropout; else every dropout inside it (`set_encoder_dropout`).
 
     A folder written by `save_classifier` is loaded whole, head included.
     """
@@ -174,9 +182,22 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None =
         raise FileNotFoundError(f"model {name_or_path!r}: no local folder or cached hub model "
                                 f"could be loaded ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if encoder_dropout is not None:
+        set_encoder_dropout(encoder, encoder_dropout)
     with torch.random.fork_rng(devices=[]):  # the fresh head from `seed`; the caller's generator left as it was
         torch.manual_seed(seed)
         return TextClassifier(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout), tokenizer
+
+
+def set_encoder_dropout(encoder: PreTrainedModel, p: float) -> None:
+    """Every dropout of `encoder` at probability `p`: its modules' (attention's included: HF attention reads its
+    `nn.Dropout`'s p) and its config's float `*dropout*` / `*pdrop*` settings, so that a saved folder keeps it."""
+    for key, value in encoder.config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(encoder.config, key, p)
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
 
 
 def _encoder(path, config=None) -> PreTrainedModel:

@@ -30,6 +30,12 @@ from privacy.noise import make_generator
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+# the factor on the configured learning rates at step `step` (1-based) of `steps`: a function of the step alone, so a
+# resumed run sets the same rates as an uninterrupted one
+LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda step, steps: 1.0,
+    "linear": lambda step, steps: (steps - step + 1) / steps,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +49,7 @@ class TrainConfig:
     encoder_learning_rate: float = 0.05
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9            # sgd only
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: from the learning rates down to 0 at the end
     max_grad_norm: float = 1.0       # per-example clipping bound C
     seed: int = 0
     engine: Literal["ghost", "hooks", "bookkeeping"] = "bookkeeping"  # per-example clipping (privacy.engine)
@@ -55,6 +62,8 @@ class TrainConfig:
             value = getattr(self, name)  # an infinite clipping norm would void the DP guarantee; NaN breaks steps
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
@@ -192,7 +201,9 @@ def train_rank(*, model: TextClassifier, data: dict, config: TrainConfig, method
     mine = own_examples(torch.arange(n), rank=rank, world=world)
     hidden = _own_features(plan, data, mine)
     lengths = torch.tensor([len(h) for h in hidden])
-    private = PrivateModel(plan.module, make_optimizer(plan.module, config), noise_multiplier=sigma,
+    optimizer = make_optimizer(plan.module, config)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    private = PrivateModel(plan.module, optimizer, noise_multiplier=sigma,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                            mode=config.engine, clipping=config.clipping, secure_mode=secure_mode,
                            generator=make_generator(None if noise_seed is None else noise_seed + 1),
@@ -217,13 +228,16 @@ def train_rank(*, model: TextClassifier, data: dict, config: TrainConfig, method
                     losses = loss_fn(logits, labels[chunk], chunk)
                     total += torch.tensor([float(losses.detach().sum()), len(chunk)], dtype=torch.float64)
                     private.backward(losses)
+                factor = LR_SCHEDULES[config.lr_schedule](step, steps)
+                for group, rate in zip(optimizer.param_groups, rates):  # after a restore too: the step decides
+                    group["lr"] = rate * factor
                 private.step()
                 apply_masks(model, masks)
                 checkpoints.save(step, model, private, sampler)
                 sum_over_ranks([total])  # the whole batch's progress figures on rank 0's console
                 if on_step:
                     on_step(step, {"loss": float(total[0]) / max(1, int(total[1])), "batch_size": int(total[1]),
-                                   "num_steps": steps})
+                                   "num_steps": steps, "lr_factor": factor})
         finally:
             private.close()
     return resumed_from

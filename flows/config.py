@@ -171,9 +171,11 @@ class ExecutionSection(_Section):
     """Where a study's independent model lines (privacy.scope: line) run: one after another in the flow's process
     (the default), or concurrently on a Dask cluster through prefect-dask: `dask`, a running scheduler's address
     (its workers need dpcompress, the data, $DPCOMPRESS_HOME and $PREFECT_API_URL), or `local_workers`, a local
-    cluster of that many single-thread worker processes. Changes no result (not in any cache key)."""
+    cluster of that many worker processes, each running one line at a time on `threads_per_worker` torch threads
+    (workers x threads should not exceed the cores). Changes no result (not in any cache key)."""
     dask: str | None = None
     local_workers: int | None = None
+    threads_per_worker: int = 1
 
     @model_validator(mode="after")
     def _one_cluster(self) -> ExecutionSection:
@@ -182,6 +184,11 @@ class ExecutionSection(_Section):
                              "not both")
         if self.local_workers is not None and self.local_workers < 1:
             raise ValueError(f"execution.local_workers must be >= 1, got {self.local_workers}")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"execution.threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.threads_per_worker != 1 and self.local_workers is None:
+            raise ValueError("execution.threads_per_worker sets a local cluster's workers: set execution.local_workers "
+                             "too (a running cluster's workers keep their own threads)")
         return self
 
     @property

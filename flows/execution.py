@@ -1,5 +1,5 @@
 """Concurrent model lines: each independent line of a study (privacy.scope: line) is one Prefect task submitted to
-prefect-dask's DaskTaskRunner (a running Dask scheduler, or a local cluster of single-thread worker processes); its
+prefect-dask's DaskTaskRunner (a running Dask scheduler, or a local cluster of worker processes); its
 stages run inside it, in a Dask worker process, as they would in the flow's process. Not here: what a line runs
 (flows/kinds.py). The dataset ledger keeps concurrent stages race-free (an exclusive transaction per check)."""
 from __future__ import annotations
@@ -13,8 +13,7 @@ from flows.plan import Stage
 from tasks.caching import NOT_CACHED
 from tasks.refs import ModelRef
 
-# every worker process computes on one core: N workers use N cores, without torch's threads fighting over them
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @task(name="model_line", **NOT_CACHED)
@@ -26,14 +25,16 @@ def model_line(*, stages: list[Stage], run: Run) -> tuple[list[ModelRef], dict]:
 
 def task_runner(execution: ExecutionSection):
     """The DaskTaskRunner `execution` names. A local cluster's workers get this process's Prefect API (they would
-    otherwise each start a temporary server of their own) and one thread each."""
+    otherwise each start a temporary server of their own) and `threads_per_worker` torch threads each (N workers of
+    T threads use N x T cores, without torch's threads fighting over them); each worker runs one line at a time."""
     from prefect.settings import get_current_settings
     from prefect_dask import DaskTaskRunner
 
     if execution.dask is not None:
         return DaskTaskRunner(address=execution.dask)
     api = get_current_settings().api.url
-    env = {**ONE_THREAD, **({"PREFECT_API_URL": str(api)} if api else {})}
+    threads = {name: str(execution.threads_per_worker) for name in THREAD_VARIABLES}
+    env = {**threads, **({"PREFECT_API_URL": str(api)} if api else {})}
     return DaskTaskRunner(cluster_kwargs={"n_workers": execution.local_workers, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None, "env": env})
 

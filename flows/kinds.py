@@ -208,11 +208,14 @@ LINE_TIMES = Path("timings") / "lines.json"  # in the study folder
 
 def timed_line(line: list[Stage], run: Run, last: ModelRef | StatsRef
                ) -> tuple[list[ModelRef], ModelRef | StatsRef, dict]:
-    """`run_line`, and the line's timing: when it began (epoch seconds), its wall time and the process that ran it."""
+    """`run_line`, and the line's timing: when it began (epoch seconds), its wall time, the process that ran it and
+    its torch threads."""
+    import torch  # the threads the line's stages computed on
+
     began = time.time()
     models, last = run_line(line, run, last)
     return models, last, {"began": round(began, 3), "seconds": round(time.time() - began, 3),
-                          "process": f"{socket.gethostname()}:{os.getpid()}"}
+                          "process": f"{socket.gethostname()}:{os.getpid()}", "threads": torch.get_num_threads()}
 
 
 def write_line_times(run: Run, times: dict[str, dict]) -> None:

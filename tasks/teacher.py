@@ -31,7 +31,7 @@ def train_teacher(*, stage: str, budget: StageBudget, data: DataRef, model: Mode
     if done := reuse(out, stage, context):
         return done
     net, tokenizer = load_classifier(model.name_or_path, num_labels=data.num_labels, pooling=model.pooling,
-                                     dropout=model.dropout, seed=train.seed)
+                                     dropout=model.dropout, seed=train.seed, encoder_dropout=model.encoder_dropout)
     return run_dp_stage(name=stage, budget=budget, model=net, tokenizer=tokenizer, data=data, train=train,
                         method=method, out=out, ledger_from=ledger_from, context=context,
                         params={"model": vars(model)})
@@ -47,7 +47,7 @@ def train_nonprivate(*, stage: str, data: DataRef, model: ModelConfig, method, t
     if done := reuse(out, stage, context):
         return done
     net, tokenizer = load_classifier(model.name_or_path, num_labels=data.num_labels, pooling=model.pooling,
-                                     dropout=model.dropout, seed=train.seed)
+                                     dropout=model.dropout, seed=train.seed, encoder_dropout=model.encoder_dropout)
     with tracking.stage_run(uri=context.tracking_uri, parent_run_id=context.parent_run_id, stage=stage,
                             stage_key=out.name) as run:
         run.params({"train": vars(train), "method": vars(method), "private": False, "model": vars(model)})

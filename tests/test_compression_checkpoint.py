@@ -33,13 +33,13 @@ def _data(n=64, seed=0):
 
 
 def _train(data, *, checkpoint_dir=None, stop_at=None, sigma=1.0, optimizer="sgd", seed=0, secure_mode=False,
-           noise_seed=None):
+           noise_seed=None, lr_schedule="constant"):
     """Train a tiny model (dropout on) for 12 steps; raise from on_step at `stop_at`. Returns (model, result, steps).
     Noise and sampling are secret (OS-seeded) unless `noise_seed` is given; tests that compare two runs fix
     the secret seeds with the `fixed_secrets` fixture."""
     model = build_tiny(seed=0)
     config = TrainConfig(epochs=3, batch_size=16, physical_batch_size=8, optimizer=optimizer,
-                         learning_rate=0.5, checkpoint_every=2, seed=seed)
+                         learning_rate=0.5, checkpoint_every=2, seed=seed, lr_schedule=lr_schedule)
     seen = []
 
     def on_step(step, metrics):
@@ -76,6 +76,33 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, optimizer, secure_mode,
     assert result.num_steps == full.num_steps == 12
     _assert_same_weights(model, expected)
     assert not torch.equal(model.head.weight, build_tiny(seed=0).head.weight)  # it did train
+
+
+def test_linear_schedule_sets_each_steps_rate_in_the_optimizer_and_resumes_to_the_same_weights(
+        tmp_path, monkeypatch, fixed_secrets):
+    rates, step = [], torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    data = _data()
+    constant, _, _ = _train(data)
+    rates.clear()
+    expected, _, _ = _train(data, lr_schedule="linear")
+    # TrainConfig's head rate 0.5 and encoder rate 0.05, from full at step 1 down to 1/12 of them at step 12
+    for s, (head, encoder) in enumerate(rates, start=1):
+        assert (head, encoder) == pytest.approx((0.5 * (13 - s) / 12, 0.05 * (13 - s) / 12))
+    assert len(rates) == 12
+    assert not torch.equal(expected.head.weight, constant.head.weight)
+    with pytest.raises(Interrupted):
+        _train(data, checkpoint_dir=tmp_path, stop_at=5, lr_schedule="linear")
+    rates.clear()
+    model, result, _ = _train(data, checkpoint_dir=tmp_path, lr_schedule="linear")
+    assert result.resumed_from == 4 and rates[0] == pytest.approx([0.5 * 8 / 12, 0.05 * 8 / 12])
+    assert rates[-1] == pytest.approx([0.5 / 12, 0.05 / 12])
+    _assert_same_weights(model, expected)
 
 
 def test_result_does_not_depend_on_the_callers_rng_and_leaves_it_alone():

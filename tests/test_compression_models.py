@@ -51,3 +51,32 @@ def test_bundled_default_model_loads_offline():
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises((FileNotFoundError, OSError), match="nope"):
         load_classifier(str(tmp_path / "nope"), num_labels=2)
+
+
+def test_encoder_dropout_reaches_every_dropout_and_the_saved_folder(tmp_path):
+    ids = torch.randint(1000, 5000, (4, 12))
+
+    def train_mode_twice(model):
+        model.train()
+        head_dropout_free = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        return model(*head_dropout_free), model(*head_dropout_free)
+
+    pretrained, _ = load_classifier("all-minilm-l6-v2", num_labels=2, dropout=0.0)
+    first, second = train_mode_twice(pretrained)
+    assert not torch.equal(first, second)  # the base model's own dropout (0.1) draws in train mode
+    model, tokenizer = load_classifier("all-minilm-l6-v2", num_labels=2, dropout=0.0, encoder_dropout=0.0)
+    first, second = train_mode_twice(model)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # attention dropout included
+    assert model.encoder.config.hidden_dropout_prob == model.encoder.config.attention_probs_dropout_prob == 0.0
+    save_classifier(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_saved(tmp_path / "m")
+    first, second = train_mode_twice(loaded)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_encoder_dropout_outside_0_1_is_refused(value):
+    from compression.models import ModelConfig
+
+    with pytest.raises(ValueError, match="model.encoder_dropout must be in"):
+        ModelConfig(encoder_dropout=value)

@@ -36,6 +36,8 @@ def _config(tmp_path: Path, model: str = "all-minilm-l6-v2", uri: str = "sqlite:
 @pytest.mark.parametrize(("sets", "says"), [
     (["execution.dask=tcp://127.0.0.1:8786", "execution.local_workers=2"], "not both"),
     (["execution.local_workers=0"], ">= 1"),
+    (["execution.local_workers=2", "execution.threads_per_worker=0"], "threads_per_worker must be >= 1"),
+    (["execution.threads_per_worker=2"], "set execution.local_workers too"),
     (["execution.local_workers=2", "privacy.scope=study"], "set privacy.scope: line"),
     (["execution.workers=2"], "execution.workers: unknown key"),
 ])
@@ -52,9 +54,19 @@ def test_execution_changes_no_study_key(tmp_path):
     assert load_config(path, ["execution.local_workers=2"]).execution.concurrent
 
 
+def test_a_local_cluster_gives_each_worker_its_threads(tmp_path):
+    from flows.execution import THREAD_VARIABLES, task_runner
+
+    cfg = load_config(_config(tmp_path), ["execution.local_workers=3", "execution.threads_per_worker=4"])
+    kwargs = task_runner(cfg.execution).cluster_kwargs
+    assert kwargs["n_workers"] == 3 and kwargs["threads_per_worker"] == 1  # one line at a time per worker
+    assert {name: kwargs["env"][name] for name in THREAD_VARIABLES} == dict.fromkeys(THREAD_VARIABLES, "4")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")
 def test_lines_on_a_local_dask_cluster_match_the_sequential_run(tmp_path, mlflow_server, prefect_backend):
+    import torch
     from transformers import AutoTokenizer
 
     from compression.models import build_tiny, resolve_model_path, save_classifier
@@ -97,3 +109,6 @@ def test_lines_on_a_local_dask_cluster_match_the_sequential_run(tmp_path, mlflow
         assert set(times[name]) == {"distill_every_other", "distill_random"}
         assert {int(t["process"].rsplit(":", 1)[1]) for t in times[name].values()} == expected
         assert all(t["seconds"] > 0 and t["began"] > 0 for t in times[name].values())
+    # the workers computed on the one thread the cluster gave them (this process on torch's default)
+    assert {t["threads"] for t in times["sequential"].values()} == {torch.get_num_threads()}
+    assert {t["threads"] for t in times["dask"].values()} == {1}
