@@ -91,6 +91,7 @@ def run_once(config: Path, overrides: list[str], folder: Path, workers: int | No
     span = max(t["began"] + t["seconds"] for t in times.values()) - min(t["began"] for t in times.values())
     return {"wall_s": wall, "line_s": {name: round(t["seconds"], 1) for name, t in times.items()},
             "line_process": {name: t["process"] for name, t in times.items()},
+            "line_threads": {name: t.get("threads") for name, t in times.items()},
             "lines_span_s": round(span, 1), "outside_lines_s": round(wall - span, 1), "metric": _metrics(study)}
 
 

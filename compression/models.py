@@ -175,7 +175,10 @@ def load_classifier(name_or_path: str, *, num_labels: int, pooling: str | None =
     """
     path = resolve_model_path(name_or_path)
     if (Path(path) / _META_FILE).exists():
-        return load_saved(path)
+        model, tokenizer = load_saved(path)
+        if encoder_dropout is not None:
+            set_encoder_dropout(model.encoder, encoder_dropout)
+        return model, tokenizer
     try:
         encoder = _encoder(path)
     except OSError as err:
@@ -193,7 +196,7 @@ def set_encoder_dropout(encoder: PreTrainedModel, p: float) -> None:
     """Every dropout of `encoder` at probability `p`: its modules' (attention's included: HF attention reads its
     `nn.Dropout`'s p) and its config's float `*dropout*` / `*pdrop*` settings, so that a saved folder keeps it."""
     for key, value in encoder.config.to_dict().items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(encoder.config, key, p)
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):

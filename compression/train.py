@@ -49,7 +49,7 @@ class TrainConfig:
     encoder_learning_rate: float = 0.05
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9            # sgd only
-    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: from the learning rates down to 0 at the end
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: the rates x (steps - step + 1) / steps
     max_grad_norm: float = 1.0       # per-example clipping bound C
     seed: int = 0
     engine: Literal["ghost", "hooks", "bookkeeping"] = "bookkeeping"  # per-example clipping (privacy.engine)

@@ -19,6 +19,10 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 @task(name="model_line", **NOT_CACHED)
 def model_line(*, stages: list[Stage], run: Run) -> tuple[list[ModelRef], dict]:
     """One independent line, in a Dask worker: its models in run order, and its timing (`flows.kinds.timed_line`)."""
+    if run.cfg.execution.local_workers is not None:  # the env alone is too late where torch came in with the worker
+        import torch
+
+        torch.set_num_threads(run.cfg.execution.threads_per_worker)
     models, _, timing = timed_line(stages, run, run.teacher)
     return models, timing
 

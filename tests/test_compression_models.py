@@ -80,3 +80,23 @@ def test_encoder_dropout_outside_0_1_is_refused(value):
 
     with pytest.raises(ValueError, match="model.encoder_dropout must be in"):
         ModelConfig(encoder_dropout=value)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2"])
+def test_encoder_dropout_of_every_family(tmp_path, family):
+    from compression.models import set_encoder_dropout
+
+    model = build_tiny(model_type=family, dropout=0.5, seed=0)
+    model.dropout.p = 0.0  # the head's own dropout is not the encoder's
+    ids = torch.randint(5, 900, (3, 8))
+    inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    model.train()
+    assert not torch.equal(model(*inputs), model(*inputs))
+    set_encoder_dropout(model.encoder, 0.0)
+    torch.testing.assert_close(model(*inputs), model(*inputs), rtol=0, atol=0)
+    save_classifier(model, None, tmp_path / "m")
+    loaded, _ = load_classifier(str(tmp_path / "m"), num_labels=2, encoder_dropout=0.3)  # a saved folder too
+    assert {m.p for m in loaded.encoder.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    reloaded, _ = load_saved(tmp_path / "m")
+    reloaded.train()
+    torch.testing.assert_close(reloaded(*inputs), reloaded(*inputs), rtol=0, atol=0)

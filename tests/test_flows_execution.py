@@ -78,7 +78,8 @@ def test_lines_on_a_local_dask_cluster_match_the_sequential_run(tmp_path, mlflow
                     AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), model)
     path = _config(tmp_path, str(model), mlflow_server)
     seconds, rows = {}, {}
-    for name, sets in (("sequential", []), ("dask", ["execution.local_workers=2"])):
+    dask = ["execution.local_workers=2", "execution.threads_per_worker=2"]
+    for name, sets in (("sequential", []), ("dask", dask)):
         began = time.monotonic()
         rows[name] = study(config_path=str(path), overrides=[f"name={name}", *sets])
         seconds[name] = time.monotonic() - began
@@ -109,6 +110,6 @@ def test_lines_on_a_local_dask_cluster_match_the_sequential_run(tmp_path, mlflow
         assert set(times[name]) == {"distill_every_other", "distill_random"}
         assert {int(t["process"].rsplit(":", 1)[1]) for t in times[name].values()} == expected
         assert all(t["seconds"] > 0 and t["began"] > 0 for t in times[name].values())
-    # the workers computed on the one thread the cluster gave them (this process on torch's default)
+    # the workers computed on the threads the cluster gave them (Dask's own default is 1), this process on torch's
     assert {t["threads"] for t in times["sequential"].values()} == {torch.get_num_threads()}
-    assert {t["threads"] for t in times["dask"].values()} == {1}
+    assert {t["threads"] for t in times["dask"].values()} == {2}
