@@ -1,8 +1,9 @@
 """Benchmark: Split-and-Privatize (compression.split) on the pretrained MiniLM-L6 and an SST-2 subset: for each split
 depth k, d_chi eta and CTI on/off, split fine-tuning with LoRA (dev accuracy on the full dev split) and an inversion
-attack on the private training text as sent (nearest neighbour at k=0, a linear inversion fit on public CoLA/MRPC/STS-B
-sentences for k>0): recovery, EP = 1 - recovery, and the EP gain against the same split without noise at the eta whose
-accuracy cost is <= 1 point. Writes JSON under bench/results/; not a unit test.
+attack on the private training text as sent (nearest neighbour at k=0; for k>0 the stronger of a linear inversion and
+the nearest public representation, both from public CoLA/MRPC/STS-B sentences): recovery, EP = 1 - recovery, and the
+EP gain against the same split without noise at the eta whose accuracy cost is <= 1 point. Writes JSON under
+bench/results/; not a unit test.
 `python bench/split_sst2.py [--quick] [--splits 0,2] [--etas inf,100,50] [--cti off,on] [--train 3000]`."""
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--cti-tokens", type=int, default=500)
     p.add_argument("--cti-ratio", type=float, default=4.0)
+    p.add_argument("--cti-score", default="tfidf", choices=("tfidf", "log_odds"))
     p.add_argument("--public-tasks", default="cola,mrpc,stsb")
     p.add_argument("--attack-examples", type=int, default=500, help="private training examples attacked")
     p.add_argument("--public-tokens", type=int, default=200_000, help="the learned attack's training tokens")
@@ -112,7 +114,8 @@ def run_one(model, tokenizer, data, *, split: int, eta: float, cti: bool, args) 
     """Fine-tune one configuration, attack it, and return its row (no training loss: private)."""
     train, dev, public = data
     config = SplitConfig(split_layer=split, dx=DXConfig(eta=eta), epochs=args.epochs, batch_size=args.batch_size,
-                         cti=CTIConfig(enabled=cti, num_tokens=args.cti_tokens, eta_ratio=args.cti_ratio),
+                         cti=CTIConfig(enabled=cti, num_tokens=args.cti_tokens, eta_ratio=args.cti_ratio,
+                                       score=args.cti_score),
                          seed=args.seed,
                          vendor=VendorConfig(method=_lora(args), learning_rate=args.lr))
     start = time.time()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -31,12 +31,15 @@ Eta = Annotated[float, Field(allow_inf_nan=True), BeforeValidator(_infinity)]
 
 
 class SplitAttackSection(_Section):
-    """The inversion attacks (compression.split.audit) on each configuration: nearest neighbour in the embedding
-    table at a split at the embeddings, a linear inversion fit on `public` text (pushed through the public bottom and
-    the mechanism) deeper. The attacked text is the study's dev split, held out from training, as the customer sends
-    it: its first `max_examples` examples. `public`: data sections of public text (train splits, labels unused;
-    default CoLA, MRPC and STS-B from data.dir), disjoint from the private data (checked)."""
+    """The inversion attacks (compression.split.audit) on each configuration. `kind` "auto": nearest neighbour in the
+    embedding table at a split at the embeddings; deeper, "learned": the stronger of a linear inversion and the
+    nearest public representation ("linear", "neighbour": that one alone), both from `public` text pushed through
+    the public bottom and the mechanism; "nearest" needs every split at 0. The attacked text is the study's dev split,
+    held out from training, as the customer sends it: its first `max_examples` examples. `public`: data sections of
+    public text (train splits, labels unused; default CoLA, MRPC and STS-B from data.dir), disjoint from the private
+    data (checked)."""
     public: list[DataConfig] = [DataConfig(task="cola"), DataConfig(task="mrpc"), DataConfig(task="stsb")]
+    kind: Literal["auto", "nearest", "learned", "linear", "neighbour"] = "auto"
     max_examples: int = Field(500, gt=0)
     max_public_tokens: int = Field(100_000, gt=0)
     ridge: float = Field(1e-3, gt=0)
@@ -62,6 +65,7 @@ class SplitSection(_Section):
     cti: list[bool] = [False, True]
     cti_tokens: int = Field(500, gt=0)
     cti_ratio: float = Field(4.0, ge=1)
+    cti_score: Literal["tfidf", "log_odds"] = "tfidf"  # how contributing tokens are ranked (split/contributing.py)
     snap_to_vocab: bool = False  # at the embedding split: send the nearest vocabulary embedding (same guarantee)
     method: MethodConfig = VENDOR_LORA  # what the vendor trains in its blocks (full, bitfit, bias_norm or lora)
     epochs: int = Field(1, gt=0)
@@ -108,6 +112,9 @@ class SplitSection(_Section):
     def _snap_needs_the_embedding_split(self):
         if self.snap_to_vocab and 0 not in self.splits:
             raise ValueError("split.snap_to_vocab applies at the embedding split: add 0 to split.splits")
+        if self.attack.kind == "nearest" and any(self.splits):
+            raise ValueError("split.attack.kind nearest reads the embedding table: it needs every split at 0 (auto "
+                             "uses it there and a learned attack deeper)")
         return self
 
 
@@ -120,7 +127,8 @@ def split_configs(section: SplitSection) -> dict[str, SplitConfig]:
                           head_learning_rate=section.head_learning_rate, seed=section.seed)
     return {stage_name(k, eta, cti): SplitConfig(
         split_layer=k, dx=DXConfig(eta=eta, snap=section.snap_to_vocab and k == 0),
-        cti=CTIConfig(enabled=cti, num_tokens=section.cti_tokens, eta_ratio=section.cti_ratio), vendor=vendor,
+        cti=CTIConfig(enabled=cti, num_tokens=section.cti_tokens, eta_ratio=section.cti_ratio,
+                      score=section.cti_score), vendor=vendor,
         epochs=section.epochs, batch_size=section.batch_size, seed=section.seed) for k, eta, cti in grid}
 
 
@@ -135,6 +143,7 @@ def public_sources(section: SplitSection, data: DataConfig) -> list[DataConfig]:
 
 
 def attack_config(section: SplitSection) -> AttackConfig:
-    """The library's attack settings (the attack's kind follows the depth: nearest at 0, learned deeper)."""
+    """The library's attack settings ("auto": nearest at 0, learned deeper)."""
     a = section.attack
-    return AttackConfig(max_private_examples=a.max_examples, max_public_tokens=a.max_public_tokens, ridge=a.ridge)
+    return AttackConfig(kind=a.kind, max_private_examples=a.max_examples, max_public_tokens=a.max_public_tokens,
+                        ridge=a.ridge)

@@ -136,8 +136,10 @@ def split_attack(*, split_layer: int, stages: list[SplitRef], configs: dict[str,
             mark_finished(out, done)
         results[ref.stage], digests = done.results, digests | done.files
         if ref.run_id:
+            candidates = {f"attack_recovery_{name}": v for name, v in done.results.get("candidates", {}).items()}
             tracking.log_once(tracking_uri, ref.run_id, {"attack_recovery": done.results["recovery"],
-                                                         "empirical_privacy": done.results["empirical_privacy"]},
+                                                         "empirical_privacy": done.results["empirical_privacy"]}
+                              | candidates,
                               tags={"attack": done.results["attack"], "attacked_text": "dev (held out)"})
     return EvalRef(stage=f"split_attack_k{split_layer}", model_sha256="", results=results, files=digests)
 

@@ -7,7 +7,7 @@ import torch
 
 from compression.models import build_tiny
 from compression.split import CTIConfig, Customer, DXConfig
-from compression.split.contributing import eta_levels, fit_token_etas, token_scores
+from compression.split.contributing import eta_levels, fit_token_etas, log_odds_scores, token_scores
 from privacy.mechanisms.dx import NoiseStream
 from tests.test_compression_split import MARKERS, VOCAB, toy_data
 
@@ -19,16 +19,42 @@ def train():
     return toy_data(200, 0)
 
 
-def test_class_conditional_tfidf_ranks_the_label_markers_first(train):
-    scores = token_scores(train["input_ids"], train["labels"], vocab_size=VOCAB)
+@pytest.mark.parametrize("score", [token_scores, log_odds_scores])
+def test_both_scores_rank_the_label_markers_first(train, score):
+    scores = score(train["input_ids"], train["labels"], vocab_size=VOCAB)
     assert set(scores.argsort(descending=True)[:2].tolist()) == set(MARKERS)
-    assert scores[2] == 0 and scores[3] == 0  # [CLS] and [SEP] are in every example: idf 0
+    assert scores[2] == 0 and scores[3] == 0  # [CLS] and [SEP] are in every example
     # a token as frequent as a marker but independent of the label scores low: the score is a class contrast
     common = [[*ids[:-1], 7, 7, ids[-1]] if i % 2 else ids for i, ids in enumerate(train["input_ids"])]
-    scores = token_scores(common, train["labels"], vocab_size=VOCAB)
+    scores = score(common, train["labels"], vocab_size=VOCAB)
     assert scores[7] < scores[list(MARKERS)].min() / 4
     with pytest.raises(ValueError, match="regression"):
-        token_scores(train["input_ids"], train["labels"].float(), vocab_size=VOCAB)
+        score(train["input_ids"], train["labels"].float(), vocab_size=VOCAB)
+
+
+def _skewed_and_telling():
+    """Token 5 is frequent in both classes with a skew (1,300 against 1,000 times), token 6 rare but only in class 1
+    (20 times), token 4 once in class 1, token 1 in every example."""
+    labels = torch.tensor([0, 1] * 2000)
+    ids = [[1] * 8 for _ in range(4000)]
+    for i in range(0, 2600, 2):
+        ids[i + 1] = [5, *ids[i + 1][1:]]
+    for i in range(0, 2000, 2):
+        ids[i] = [5, *ids[i][1:]]
+    for i in range(20):
+        ids[2 * i + 1 + 2800] = [6, *ids[2 * i + 1 + 2800][1:]]
+    ids[3001] = [4, *ids[3001][1:]]
+    return ids, labels
+
+
+def test_log_odds_does_not_rank_a_token_for_its_frequency():
+    """TF-IDF's absolute contrast ranks the frequent skewed token 5 first, the log-odds the telling token 6; token 4,
+    seen once, does not outrank token 6 (its log-odds shrinks to the pseudo-counts)."""
+    ids, labels = _skewed_and_telling()
+    tfidf, odds = (score(ids, labels, vocab_size=8) for score in (token_scores, log_odds_scores))
+    assert tfidf[5] > tfidf[6]
+    assert odds[6] > odds[5] and odds[6] > odds[4] > 0
+    assert odds[1] == 0 and odds[7] == 0  # in every example; never seen
 
 
 @pytest.mark.parametrize("num_tokens, eta_ratio", [(2, 4.0), (10, 2.0), (40, 8.0)])
@@ -75,3 +101,19 @@ def test_contributing_tokens_get_less_noise_and_the_switch_turns_it_off(train):
     torch.testing.assert_close(distance_on[other].mean().item(), hidden_size / on.token_etas.eta_other,
                                rtol=0.1, atol=0)
     assert distance_on[marker].mean() < distance_off[marker].mean() / 2
+
+
+def test_the_cti_config_names_a_bad_field():
+    for bad, match in (({"num_tokens": 0}, "num_tokens"), ({"eta_ratio": 0.5}, "eta_ratio"),
+                       ({"score": "chi2"}, "score must be one of tfidf, log_odds")):
+        with pytest.raises(ValueError, match=match):
+            CTIConfig(enabled=True, **bad)
+
+
+def test_the_chosen_score_picks_the_contributing_set():
+    """fit_token_etas ranks by `config.score`: with one contributing token, TF-IDF's is token 5, the log-odds' 6."""
+    ids, labels = _skewed_and_telling()
+    for name, top in (("tfidf", 5), ("log_odds", 6)):
+        levels = fit_token_etas(ids, labels, eta=ETA, vocab_size=8, config=CTIConfig(enabled=True, num_tokens=1,
+                                                                                     score=name))
+        assert levels.contributing.nonzero().flatten().tolist() == [top]

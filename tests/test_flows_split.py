@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.config import ConfigError, validate_config
-from flows.config_split import public_sources, split_configs
+from flows.config_split import attack_config, public_sources, split_configs
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 CONFIG = Path(__file__).resolve().parents[1] / "flows" / "configs" / "sap.yaml"
@@ -39,6 +39,10 @@ def test_the_split_section_names_every_bad_field():
     assert "split.cti: contributing tokens are scored against class labels" in _errors(
         {"attack": {"public": [{"task": "cola"}]}}, task="stsb")
     assert "split.snap_to_vocab applies at the embedding split" in _errors({"snap_to_vocab": True, "splits": [2]})
+    assert "split.attack.kind nearest reads the embedding table" in _errors({"splits": [0, 2],
+                                                                              "attack": {"kind": "nearest"}})
+    assert "split.attack.kind" in _errors({"attack": {"kind": "knn"}})
+    assert "split.cti_score" in _errors({"cti_score": "chi2"})
 
 
 def test_the_grid_runs_each_depths_baseline_first_and_cti_only_with_noise():
@@ -51,7 +55,13 @@ def test_the_grid_runs_each_depths_baseline_first_and_cti_only_with_noise():
     assert math.isinf(configs["split_k2_plain"].dx.eta) and not configs["split_k2_plain"].cti.enabled
     assert configs["split_k0_eta50"].dx.snap and not configs["split_k2_eta50"].dx.snap  # snap: embedding split only
     assert configs["split_k2_eta50_cti"].vendor.method.name == "lora"
+    assert configs["split_k2_eta50_cti"].cti.score == "tfidf"
     assert [s.dir for s in public_sources(cfg.split, cfg.data)] == ["/glue", "/other"]
+    assert attack_config(cfg.split).kind == "auto"
+    other = validate_config({"data": {"task": "sst2"}, "split": {"enabled": True, "cti_score": "log_odds",
+                                                                  "attack": {"kind": "neighbour"}}}, "s.yaml")
+    assert attack_config(other.split).kind == "neighbour"
+    assert {c.cti.score for c in split_configs(other.split).values()} == {"log_odds"}
 
 
 def _tiny_bert(directory: Path) -> str:
@@ -107,7 +117,8 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
     with open(study_dir / "results" / "split" / "split.csv") as table:
         rows = {r["stage"]: r for r in csv.DictReader(table)}
     assert set(rows) == {"split_k1_plain", "split_k1_eta20_cti"}
-    assert rows["split_k1_plain"]["attack"] == "learned" and rows["split_k1_plain"]["ep_gain_rel"] in ("0.0", "")
+    assert rows["split_k1_plain"]["attack"] in ("linear", "neighbour")  # the stronger learned attack
+    assert rows["split_k1_plain"]["ep_gain_rel"] in ("0.0", "")
     for row in rows.values():
         assert 0 <= float(row["accuracy"]) <= 1 and math.isclose(float(row["ep"]) + float(row["recovery"]), 1)
 
@@ -141,6 +152,7 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
     stage_run = client.search_runs([experiment], filter_string="attributes.run_name = 'split_k1_eta20_cti'")[0]
     assert stage_run.data.tags["guarantee"] == "local dχ guarantee, no central DP"
     assert stage_run.data.tags["dx_eta"] == "20.0" and "attack_recovery" in stage_run.data.metrics
+    assert {"attack_recovery_linear", "attack_recovery_neighbour"} <= set(stage_run.data.metrics)  # k = 1: both
     assert [d.dataset.name for d in stage_run.inputs.dataset_inputs] == ["sst2"]  # the private data it trained on
 
     before = {p.name: p.stat().st_mtime_ns for p in (study_dir / "stages").iterdir()}

@@ -9,7 +9,7 @@ import torch
 from compression.models import build_tiny
 from compression.split import AttackConfig, Customer, DXConfig, SplitConfig, attack
 from compression.split.customer import vocabulary_table
-from privacy.audit.inversion import LinearInversion, nearest_rows
+from privacy.audit.inversion import LinearInversion, PublicNeighbourInversion, nearest_rows
 from privacy.mechanisms.dx import NoiseStream
 from tests.test_compression_split import VOCAB, toy_data
 
@@ -45,8 +45,11 @@ def test_heavy_noise_drives_nearest_neighbour_recovery_to_chance(setting):
 def test_learned_inversion_reads_deeper_splits_and_falls_to_chance_under_heavy_noise(setting, split_layer):
     clear = _attack(setting, split_layer=split_layer, eta=math.inf, kind="learned")
     heavy = _attack(setting, split_layer=split_layer, eta=0.01, kind="learned")
-    assert clear.recovery > 0.9  # a linear map from the hidden state, trained on public text only
-    assert heavy.recovery < heavy.chance_majority + 0.03  # it guesses the public text's most frequent token
+    assert clear.recovery > 0.9  # learned from public text only
+    assert heavy.recovery < heavy.chance_majority + 0.03  # no better than guessing the public text's majority token
+    for result in (clear, heavy):  # both learned attacks ran; the result is the stronger one
+        assert set(result.candidates) == {"linear", "neighbour"}
+        assert result.recovery == max(result.candidates.values()) == result.candidates[result.attack]
     with pytest.raises(ValueError, match="embeddings"):
         _attack(setting, split_layer=split_layer, eta=math.inf, kind="nearest")
 
@@ -94,3 +97,30 @@ def test_a_held_out_text_is_attacked_and_public_representations_are_computed_onc
     assert fresh == cached  # the same attack: the representations were the ones it would compute
     real = sum(len([t for t in ids if t not in SPECIAL]) for ids in held_out["input_ids"])
     assert fresh.num_tokens == real != run().num_tokens  # the held-out text's tokens, not the training text's
+
+
+def test_public_neighbour_reads_clusters_a_linear_map_cannot_separate():
+    """Token 1's representations lie on a ring around token 0's (two contexts each side): no linear map separates
+    them, the nearest public representation does; under the mechanism it is the attack the split study reports."""
+    generator = torch.Generator().manual_seed(0)
+    angle = torch.rand(2000, generator=generator) * 2 * math.pi
+    tokens = torch.randint(0, 2, (2000,), generator=generator)
+    radius = torch.where(tokens == 1, 3.0, 0.0)
+    features = torch.stack([radius * angle.cos(), radius * angle.sin()], 1) + 0.2 * torch.randn(2000, 2,
+                                                                                              generator=generator)
+    public, private = slice(0, 1500), slice(1500, None)
+    neighbour = PublicNeighbourInversion().fit(features[public], tokens[public]).predict(features[private])
+    linear = LinearInversion(vocab_size=2).fit(features[public], tokens[public]).predict(features[private])
+    assert (neighbour == tokens[private]).double().mean() > 0.97
+    assert (linear == tokens[private]).double().mean() < 0.7
+    with pytest.raises(RuntimeError, match="before fit"):
+        PublicNeighbourInversion().predict(features)
+    with pytest.raises(ValueError, match="non-empty"):
+        PublicNeighbourInversion().fit(features, tokens[:10])
+
+
+def test_learned_attack_reports_the_stronger_of_its_two_candidates(setting):
+    only = {kind: _attack(setting, split_layer=1, eta=math.inf, kind=kind) for kind in ("linear", "neighbour")}
+    assert all(result.candidates == {} and result.attack == kind for kind, result in only.items())
+    both = _attack(setting, split_layer=1, eta=math.inf, kind="learned")
+    assert both.candidates == {kind: result.recovery for kind, result in only.items()}

@@ -1,13 +1,14 @@
 """The empirical privacy of a split: what an inversion attack recovers from the token representations the vendor
 receives. `attack` is the one call of a pipeline stage: the customer's privatization of its examples (as sent),
-the attacks of privacy.audit.inversion (nearest neighbour at the embeddings; a linear model trained on PUBLIC text
-pushed through the public bottom model and the mechanism), top-1 recovery and EP. Not here: the attacks' math.
+the attacks of privacy.audit.inversion (nearest neighbour at the embeddings; deeper, the stronger of a linear model
+and a nearest public neighbour, both from PUBLIC text pushed through the public bottom model and the mechanism), top-1
+recovery and EP. Not here: the attacks' math.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -16,18 +17,26 @@ from compression.data import Split, encode, length_chunks, lengths_of, load_spli
 from compression.models import TextClassifier
 from compression.split.customer import Customer, vocabulary_table
 from compression.split.training import SplitConfig
-from privacy.audit.inversion import InversionResult, LinearInversion, nearest_neighbour_attack, score
+from privacy.audit.inversion import (
+    InversionResult,
+    LinearInversion,
+    PublicNeighbourInversion,
+    nearest_neighbour_attack,
+    score,
+)
 from privacy.mechanisms.dx import NoiseStream
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig:
-    """kind: "nearest" (embedding split only), "learned", or "auto" (nearest at split 0, learned deeper).
+    """kind: "nearest" (embedding split only), "linear" or "neighbour" (learned from public text), "learned" (both;
+    the result is the one that recovers more, the other's recovery kept in `candidates`), or "auto" (nearest at
+    split 0, learned deeper).
     max_private_examples: how many of the customer's examples are attacked (the first ones of the attacked text).
-    max_public_tokens: the learned attack's training tokens. ridge: its regularisation, relative to the features'
+    max_public_tokens: the learned attacks' public tokens. ridge: its regularisation, relative to the features'
     mean variance."""
 
-    kind: Literal["auto", "nearest", "learned"] = "auto"
+    kind: Literal["auto", "nearest", "learned", "linear", "neighbour"] = "auto"
     max_private_examples: int = 500
     max_public_tokens: int = 200_000
     ridge: float = 1e-3
@@ -132,18 +141,24 @@ def attack(model: TextClassifier, private: dict, public: dict, *, config: SplitC
             raise ValueError("the nearest-neighbour attack needs a split at the embeddings (split_layer 0)")
         predicted = nearest_neighbour_attack(observed, positions, table=vocabulary_table(customer.bottom),
                                              vocab_size=vocab_size)
-    else:
-        inversion = _fit_learned(model, customer, public, config=config, special_ids=special_ids,
-                                 attack_config=attack_config, clean=public_clean)
-        predicted = inversion.predict(observed)
-    return score(predicted, truth, attack=kind, majority_token=majority, vocab_size=vocab_size)
+        return score(predicted, truth, attack=kind, majority_token=majority, vocab_size=vocab_size)
+    features, tokens = _public_features(model, customer, public, config=config, special_ids=special_ids,
+                                        attack_config=attack_config, clean=public_clean)
+    learned = {"linear": lambda: LinearInversion(vocab_size=vocab_size, ridge=attack_config.ridge),
+               "neighbour": PublicNeighbourInversion}
+    results = [score(learned[name]().fit(features, tokens).predict(observed), truth, attack=name,
+                     majority_token=majority, vocab_size=vocab_size)
+               for name in (learned if kind == "learned" else (kind,))]
+    best = max(results, key=lambda r: r.recovery)
+    return replace(best, candidates={r.attack: r.recovery for r in results}) if len(results) > 1 else best
 
 
-def _fit_learned(model: TextClassifier, customer: Customer, public: dict, *, config: SplitConfig,
-                 special_ids: Sequence[int], attack_config: AttackConfig,
-                 clean: Batches | None = None) -> LinearInversion:
-    """The attacker's own customer on public text: the same public bottom and mechanism, its own noise; with CTI,
-    random per-token levels (it does not know the contributing set)."""
+def _public_features(model: TextClassifier, customer: Customer, public: dict, *, config: SplitConfig,
+                     special_ids: Sequence[int], attack_config: AttackConfig,
+                     clean: Batches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(representations `[N, H]`, token ids `[N]`) of public text as the attacker's own customer sends it: the same
+    public bottom and mechanism, its own noise; with CTI, random per-token levels (it does not know the contributing
+    set). What the learned attacks train on."""
     simulated = Customer(model, split_layer=config.split_layer, dx=config.dx, noise=NoiseStream())
     levels = customer.token_etas
     if levels is not None and not math.isinf(config.dx.eta):
@@ -151,4 +166,4 @@ def _fit_learned(model: TextClassifier, customer: Customer, public: dict, *, con
                                           torch.Generator().manual_seed(0))
     features, _, tokens = privatized_tokens(simulated, public, namespace="public", special_ids=special_ids,
                                             max_tokens=attack_config.max_public_tokens, clean=clean)
-    return LinearInversion(vocab_size=model.encoder.config.vocab_size, ridge=attack_config.ridge).fit(features, tokens)
+    return features, tokens

@@ -7,15 +7,17 @@ from which model, is the caller's business, compression.split.audit):
 - nearest neighbour: at a split at the embeddings, each representation is decoded to the vocabulary entry whose
   embedding output (at the same position, any token type) is closest; without noise it is exact, and under d_chi
   noise with one eta it is the maximum-likelihood guess (the density decreases with distance);
-- learned: a linear least-squares map from representation to the one-hot token (with a bias, so the public token
-  frequencies act as a prior), fit in closed form on PUBLIC text pushed through the bottom model and the mechanism.
+- learned, from PUBLIC text pushed through the bottom model and the mechanism: `LinearInversion`, a least-squares map
+  from representation to the one-hot token (with a bias, so the public token frequencies act as a prior), and
+  `PublicNeighbourInversion`, the token of the nearest public representation (1-nearest neighbour, no fitting: it
+  reads the clusters a token's representations form in every context, which a linear map cannot separate).
 Chance levels: `chance_majority`, always guessing the public text's most frequent token (what a learned attack falls
 to when the representations carry nothing), and `chance_uniform` = 1 / vocabulary size.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -25,7 +27,8 @@ Table = Callable[[int], torch.Tensor]  # position -> [M, H] candidate outputs; r
 @dataclass(frozen=True, kw_only=True)
 class InversionResult:
     """attack: which attack. recovery: share of the private real tokens (special tokens excluded) guessed right, top-1.
-    empirical_privacy: 1 - recovery. num_tokens: how many were guessed. chance_majority, chance_uniform: see above."""
+    empirical_privacy: 1 - recovery. num_tokens: how many were guessed. chance_majority, chance_uniform: see above.
+    candidates: where several attacks ran on the same guesses' truth, each one's recovery (this result is the best)."""
 
     attack: str
     recovery: float
@@ -33,6 +36,7 @@ class InversionResult:
     num_tokens: int
     chance_majority: float
     chance_uniform: float
+    candidates: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,3 +104,27 @@ class LinearInversion:
             raise RuntimeError("LinearInversion.predict before fit")
         out = [(chunk.double() @ self.weight + self.bias).argmax(1) for chunk in features.split(chunk_size)]
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+class PublicNeighbourInversion:
+    """Guesses the token of the public representation nearest (Euclidean) to each observed one: a 1-nearest-neighbour
+    classifier over representations of PUBLIC text after the bottom model and the mechanism (the attacker's own noise).
+    Deeper in the model a token's representation depends on its context but stays near its other occurrences, so this
+    recovers far more than a linear map where the public text holds the token; it cannot guess a token it never saw.
+    """
+
+    def __init__(self):
+        self.features = self.tokens = None
+
+    def fit(self, features: torch.Tensor, tokens: torch.Tensor) -> PublicNeighbourInversion:
+        """features `[N, H]` (representations of public text after the mechanism), tokens `[N]` their token ids."""
+        if features.dim() != 2 or tokens.shape != (len(features),) or not len(tokens):
+            raise ValueError(f"need non-empty features [N, H] and tokens [N], got {features.shape}, {tokens.shape}")
+        self.features, self.tokens = features.float(), tokens
+        return self
+
+    def predict(self, features: torch.Tensor, *, chunk_size: int = 512) -> torch.Tensor:
+        """Token ids `[N]`, that of the nearest public representation."""
+        if self.features is None:
+            raise RuntimeError("PublicNeighbourInversion.predict before fit")
+        return self.tokens[nearest_rows(features.float(), self.features, chunk_size=chunk_size)]
