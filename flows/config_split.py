@@ -32,14 +32,14 @@ Eta = Annotated[float, Field(allow_inf_nan=True), BeforeValidator(_infinity)]
 
 class SplitAttackSection(_Section):
     """The inversion attacks (compression.split.audit) on each configuration. `kind` "auto": nearest neighbour in the
-    embedding table at a split at the embeddings; deeper, "learned": the stronger of a linear inversion and the
-    nearest public representation ("linear", "neighbour": that one alone), both from `public` text pushed through
-    the public bottom and the mechanism; "nearest" needs every split at 0. The attacked text is the study's dev split,
-    held out from training, as the customer sends it: its first `max_examples` examples. `public`: data sections of
-    public text (train splits, labels unused; default CoLA, MRPC and STS-B from data.dir), disjoint from the private
-    data (checked)."""
+    embedding table at a split at the embeddings; deeper, "learned": the strongest of a linear inversion and the
+    nearest public representation after and before the mechanism ("linear", "neighbour", "neighbour_clean": that one
+    alone), all from `public` text pushed through the public bottom; "nearest" needs every split at 0. The attacked
+    text is the study's dev split, held out from training, as the customer sends it: its first `max_examples`
+    examples. `public`: data sections of public text (train splits, labels unused; default CoLA, MRPC and STS-B from
+    data.dir), disjoint from the private data (checked)."""
     public: list[DataConfig] = [DataConfig(task="cola"), DataConfig(task="mrpc"), DataConfig(task="stsb")]
-    kind: Literal["auto", "nearest", "learned", "linear", "neighbour"] = "auto"
+    kind: Literal["auto", "nearest", "learned", "linear", "neighbour", "neighbour_clean"] = "auto"
     max_examples: int = Field(500, gt=0)
     max_public_tokens: int = Field(100_000, gt=0)
     ridge: float = Field(1e-3, gt=0)

@@ -117,3 +117,35 @@ def test_the_chosen_score_picks_the_contributing_set():
         levels = fit_token_etas(ids, labels, eta=ETA, vocab_size=8, config=CTIConfig(enabled=True, num_tokens=1,
                                                                                      score=name))
         assert levels.contributing.nonzero().flatten().tolist() == [top]
+
+
+@pytest.mark.parametrize("shares", [(0.6, 0.4), (1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2)])
+def test_log_odds_ranks_a_cue_above_rare_tokens_whatever_the_class_sizes(shares):
+    """Class sizes in `shares` (imbalanced, or three classes): token 4 is a cue of the smallest class (30 times there,
+    5 in each other class), tokens 10.. are seen once or twice each in the smallest class only; token 1 is filler in
+    every example and token 7 is never seen. One-vs-rest with equal pseudo-counts would lift every rare token of a
+    small class by log(n_rest / n_class); in proportion to the sides' sizes, rare tokens stay below the cue."""
+    counts = [int(3000 * share) for share in shares]
+    labels = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+    small = len(counts) - 1 if shares[-1] <= min(shares) else int(torch.tensor(shares).argmin())
+    ids = [[1] * 6 for _ in labels]
+    rows = {c: (labels == c).nonzero().flatten().tolist() for c in range(len(counts))}
+    for c, rows_c in rows.items():
+        for row in rows_c[:30 if c == small else 5]:
+            ids[row][0] = 4
+    for k, row in enumerate(rows[small][100:160]):
+        ids[row][1] = 10 + k // 2  # tokens 10..39, twice each
+    for k, row in enumerate(rows[small][200:230]):
+        ids[row][1] = 40 + k  # tokens 40..69, once each
+    scores = log_odds_scores(ids, labels, vocab_size=80)
+    assert scores[4] > scores[10:70].max()
+    assert scores[40:70].max() < 0.45  # a token seen once (equal pseudo-counts would give 0.59, 0.88 and 1.57 here)
+    assert scores[1] == 0 and scores[7] == 0 and scores[70:].eq(0).all()
+
+
+def test_log_odds_skips_a_class_without_examples():
+    """Labels {1, 2} (class 0 never occurs) score like labels {0, 1}; a single class scores nothing."""
+    ids = [[1, 4], [1, 5], [1, 4], [1, 6]] * 50
+    labels = torch.tensor([0, 1, 0, 1] * 50)
+    assert torch.allclose(log_odds_scores(ids, labels + 1, vocab_size=8), log_odds_scores(ids, labels, vocab_size=8))
+    assert log_odds_scores(ids, torch.zeros(200, dtype=torch.long), vocab_size=8).eq(0).all()

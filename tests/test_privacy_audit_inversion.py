@@ -47,8 +47,8 @@ def test_learned_inversion_reads_deeper_splits_and_falls_to_chance_under_heavy_n
     heavy = _attack(setting, split_layer=split_layer, eta=0.01, kind="learned")
     assert clear.recovery > 0.9  # learned from public text only
     assert heavy.recovery < heavy.chance_majority + 0.03  # no better than guessing the public text's majority token
-    for result in (clear, heavy):  # both learned attacks ran; the result is the stronger one
-        assert set(result.candidates) == {"linear", "neighbour"}
+    for result in (clear, heavy):  # every learned attack ran; the result is the strongest
+        assert set(result.candidates) == {"linear", "neighbour", "neighbour_clean"}
         assert result.recovery == max(result.candidates.values()) == result.candidates[result.attack]
     with pytest.raises(ValueError, match="embeddings"):
         _attack(setting, split_layer=split_layer, eta=math.inf, kind="nearest")
@@ -119,8 +119,17 @@ def test_public_neighbour_reads_clusters_a_linear_map_cannot_separate():
         PublicNeighbourInversion().fit(features, tokens[:10])
 
 
-def test_learned_attack_reports_the_stronger_of_its_two_candidates(setting):
-    only = {kind: _attack(setting, split_layer=1, eta=math.inf, kind=kind) for kind in ("linear", "neighbour")}
+def test_learned_attack_reports_the_strongest_of_its_candidates(setting):
+    """Under moderate noise the three learned attacks differ; "learned" runs each (the same private draws: the
+    customer's seeded test stream) and reports the best. Comparing noisy sends with clean public representations
+    puts noise on one side of each distance only, so it beats the noisy public neighbour."""
+    kinds = ("linear", "neighbour", "neighbour_clean")
+    only = {kind: _attack(setting, split_layer=1, eta=2.0, kind=kind) for kind in kinds}
     assert all(result.candidates == {} and result.attack == kind for kind, result in only.items())
-    both = _attack(setting, split_layer=1, eta=math.inf, kind="learned")
-    assert both.candidates == {kind: result.recovery for kind, result in only.items()}
+    every = _attack(setting, split_layer=1, eta=2.0, kind="learned")
+    assert set(every.candidates) == set(kinds)
+    assert every.recovery == max(every.candidates.values()) == every.candidates[every.attack]
+    assert every.candidates["neighbour_clean"] == only["neighbour_clean"].recovery  # no noise on its reference side
+    assert only["neighbour_clean"].recovery > only["neighbour"].recovery
+    with pytest.raises(ValueError, match="kind must be one of"):
+        AttackConfig(kind="knn")

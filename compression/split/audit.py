@@ -1,8 +1,8 @@
 """The empirical privacy of a split: what an inversion attack recovers from the token representations the vendor
 receives. `attack` is the one call of a pipeline stage: the customer's privatization of its examples (as sent),
-the attacks of privacy.audit.inversion (nearest neighbour at the embeddings; deeper, the stronger of a linear model
-and a nearest public neighbour, both from PUBLIC text pushed through the public bottom model and the mechanism), top-1
-recovery and EP. Not here: the attacks' math.
+the attacks of privacy.audit.inversion (nearest neighbour at the embeddings; deeper, the strongest of a linear model
+and the nearest public representation after or before the mechanism, all from PUBLIC text pushed through the public
+bottom model), top-1 recovery and EP. Not here: the attacks' math.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from compression.data import Split, encode, length_chunks, lengths_of, load_split
 from compression.models import TextClassifier
-from compression.split.customer import Customer, vocabulary_table
+from compression.split.customer import Customer, DXConfig, vocabulary_table
 from compression.split.training import SplitConfig
 from privacy.audit.inversion import (
     InversionResult,
@@ -26,20 +26,28 @@ from privacy.audit.inversion import (
 )
 from privacy.mechanisms.dx import NoiseStream
 
+LEARNED = ("linear", "neighbour", "neighbour_clean")  # the attacks that learn from public text
+KINDS = ("auto", "nearest", "learned", *LEARNED)
+
 
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig:
-    """kind: "nearest" (embedding split only), "linear" or "neighbour" (learned from public text), "learned" (both;
-    the result is the one that recovers more, the other's recovery kept in `candidates`), or "auto" (nearest at
-    split 0, learned deeper).
+    """kind: "nearest" (embedding split only); from public text: "linear", "neighbour" (the nearest public
+    representation after the mechanism), "neighbour_clean" (the nearest one before it: noise on one side of every
+    distance only); "learned" (all three; the result is the one that recovers most, every recovery kept in
+    `candidates`), or "auto" (nearest at split 0, learned deeper).
     max_private_examples: how many of the customer's examples are attacked (the first ones of the attacked text).
     max_public_tokens: the learned attacks' public tokens. ridge: its regularisation, relative to the features'
     mean variance."""
 
-    kind: Literal["auto", "nearest", "learned", "linear", "neighbour"] = "auto"
+    kind: Literal["auto", "nearest", "learned", "linear", "neighbour", "neighbour_clean"] = "auto"
     max_private_examples: int = 500
     max_public_tokens: int = 200_000
     ridge: float = 1e-3
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -142,26 +150,28 @@ def attack(model: TextClassifier, private: dict, public: dict, *, config: SplitC
         predicted = nearest_neighbour_attack(observed, positions, table=vocabulary_table(customer.bottom),
                                              vocab_size=vocab_size)
         return score(predicted, truth, attack=kind, majority_token=majority, vocab_size=vocab_size)
-    features, tokens = _public_features(model, customer, public, config=config, special_ids=special_ids,
-                                        attack_config=attack_config, clean=public_clean)
+    names = LEARNED if kind == "learned" else (kind,)
+    public_sent = {noisy: _public_features(model, customer, public, config=config, special_ids=special_ids,
+                                           attack_config=attack_config, clean=public_clean, noisy=noisy)
+                   for noisy in {name != "neighbour_clean" for name in names}}
     learned = {"linear": lambda: LinearInversion(vocab_size=vocab_size, ridge=attack_config.ridge),
-               "neighbour": PublicNeighbourInversion}
-    results = [score(learned[name]().fit(features, tokens).predict(observed), truth, attack=name,
-                     majority_token=majority, vocab_size=vocab_size)
-               for name in (learned if kind == "learned" else (kind,))]
+               "neighbour": PublicNeighbourInversion, "neighbour_clean": PublicNeighbourInversion}
+    results = [score(learned[name]().fit(*public_sent[name != "neighbour_clean"]).predict(observed), truth,
+                     attack=name, majority_token=majority, vocab_size=vocab_size) for name in names]
     best = max(results, key=lambda r: r.recovery)
     return replace(best, candidates={r.attack: r.recovery for r in results}) if len(results) > 1 else best
 
 
 def _public_features(model: TextClassifier, customer: Customer, public: dict, *, config: SplitConfig,
                      special_ids: Sequence[int], attack_config: AttackConfig,
-                     clean: Batches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     clean: Batches | None = None, noisy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(representations `[N, H]`, token ids `[N]`) of public text as the attacker's own customer sends it: the same
     public bottom and mechanism, its own noise; with CTI, random per-token levels (it does not know the contributing
-    set). What the learned attacks train on."""
-    simulated = Customer(model, split_layer=config.split_layer, dx=config.dx, noise=NoiseStream())
+    set). Without `noisy`, before the mechanism. What the learned attacks learn from."""
+    dx = config.dx if noisy else DXConfig()
+    simulated = Customer(model, split_layer=config.split_layer, dx=dx, noise=NoiseStream())
     levels = customer.token_etas
-    if levels is not None and not math.isinf(config.dx.eta):
+    if noisy and levels is not None and not math.isinf(config.dx.eta):
         simulated.token_etas = RandomEtas(levels.eta_contributing, levels.eta_other, levels.fraction,
                                           torch.Generator().manual_seed(0))
     features, _, tokens = privatized_tokens(simulated, public, namespace="public", special_ids=special_ids,

@@ -74,20 +74,26 @@ def token_scores(input_ids: Sequence[Sequence[int]], labels: torch.Tensor, *, vo
 
 def log_odds_scores(input_ids: Sequence[Sequence[int]], labels: torch.Tensor, *, vocab_size: int,
                     prior: float = 5.0) -> torch.Tensor:
-    """|log-odds ratio| of every token between each class and the rest, smoothed by `prior` pseudo-counts, the largest
-    over classes, `[vocab_size]` float64: how much ONE occurrence tells the label apart.
+    """|log-odds ratio| of every token between each class and the rest, smoothed by pseudo-counts, the largest over
+    classes, `[vocab_size]` float64: how much ONE occurrence tells the label apart.
 
-    For class c against the rest (token counts y, totals n): delta(t) = log((y_c + prior) / n_c) - log((y_r + prior) /
-    n_r). Unlike TF-IDF's absolute contrast it does not grow with the token's frequency ("a" or "," with a slight
-    skew score about 0), and the pseudo-counts shrink a rare token's ratio (one occurrence in one class: log(6/5)).
-    Tokens absent from the data score 0, and so do tokens in every example ([CLS], [SEP]).
+    For class c against the rest (token counts y, totals n, pseudo-counts a = 2 * prior * n / (n_c + n_r), in
+    proportion to each side's size so that an unseen token scores exactly 0 whatever the class sizes):
+    delta(t) = log((y_c + a_c) / n_c) - log((y_r + a_r) / n_r). Unlike TF-IDF's absolute contrast it does not grow
+    with the token's frequency ("a" or "," with a slight skew score about 0), and the pseudo-counts shrink a rare
+    token's ratio (one occurrence in one of two equal classes: log(6/5)). A class without tokens, or without any
+    other class, is skipped. Tokens absent from the data score 0, and so do tokens in every example ([CLS], [SEP]).
     """
     counts, document_frequency = _class_counts(input_ids, labels, vocab_size=vocab_size)
     total = counts.sum(0)
     best = torch.zeros(vocab_size, dtype=torch.float64)
     for own in counts:
         rest = total - own
-        delta = torch.log((own + prior) / own.sum().clamp_min(1)) - torch.log((rest + prior) / rest.sum().clamp_min(1))
+        n_own, n_rest = own.sum(), rest.sum()
+        if n_own == 0 or n_rest == 0:
+            continue
+        a_own, a_rest = (2 * prior * n / (n_own + n_rest) for n in (n_own, n_rest))
+        delta = torch.log((own + a_own) / n_own) - torch.log((rest + a_rest) / n_rest)
         best = torch.maximum(best, delta.abs())
     telling = (total > 0) & (document_frequency < len(input_ids))
     return torch.where(telling, best, torch.zeros_like(best))

@@ -11,8 +11,9 @@ from which model, is the caller's business, compression.split.audit):
   from representation to the one-hot token (with a bias, so the public token frequencies act as a prior), and
   `PublicNeighbourInversion`, the token of the nearest public representation (1-nearest neighbour, no fitting: it
   reads the clusters a token's representations form in every context, which a linear map cannot separate).
-Chance levels: `chance_majority`, always guessing the public text's most frequent token (what a learned attack falls
-to when the representations carry nothing), and `chance_uniform` = 1 / vocabulary size.
+Chance levels: `chance_majority`, always guessing the public text's most frequent token (what the linear attack
+falls to when the representations carry nothing; a neighbour attack falls below it), and `chance_uniform` =
+1 / vocabulary size.
 """
 from __future__ import annotations
 
