@@ -29,8 +29,7 @@ def test_longest_first_schedule():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(), reason="GLUE data not present")
-def test_dask_lines_bench_on_a_tiny_study(tmp_path, prefect_backend, monkeypatch):
-    from prefect.settings import PREFECT_API_URL
+def test_dask_lines_bench_on_a_tiny_study(tmp_path):
     from transformers import AutoTokenizer
 
     from compression.models import build_tiny, resolve_model_path, save_classifier
@@ -39,7 +38,6 @@ def test_dask_lines_bench_on_a_tiny_study(tmp_path, prefect_backend, monkeypatch
     save_classifier(build_tiny(vocab_size=30522, hidden_size=32, num_layers=4, intermediate_size=64, seed=0),
                     AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2")), model)
     config, out = _config(tmp_path, str(model)), tmp_path / "dask_lines.json"
-    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # both runs use the session's server, not their own
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dask_lines.py"), "--config", str(config),
                            "--out", str(out), "--keep", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
