@@ -151,13 +151,20 @@ def attack(model: TextClassifier, private: dict, public: dict, *, config: SplitC
                                              vocab_size=vocab_size)
         return score(predicted, truth, attack=kind, majority_token=majority, vocab_size=vocab_size)
     names = LEARNED if kind == "learned" else (kind,)
+    # (the attack, whether it learns from public text after the mechanism or before it)
+    learned = {"linear": (lambda: LinearInversion(vocab_size=vocab_size, ridge=attack_config.ridge), True),
+               "neighbour": (PublicNeighbourInversion, True), "neighbour_clean": (PublicNeighbourInversion, False)}
+    if public_clean is None:  # the public bottom's outputs once, whether noised for one attack or kept clean
+        public_clean = representations(customer, public, special_ids=special_ids,
+                                       max_tokens=attack_config.max_public_tokens)
     public_sent = {noisy: _public_features(model, customer, public, config=config, special_ids=special_ids,
                                            attack_config=attack_config, clean=public_clean, noisy=noisy)
-                   for noisy in {name != "neighbour_clean" for name in names}}
-    learned = {"linear": lambda: LinearInversion(vocab_size=vocab_size, ridge=attack_config.ridge),
-               "neighbour": PublicNeighbourInversion, "neighbour_clean": PublicNeighbourInversion}
-    results = [score(learned[name]().fit(*public_sent[name != "neighbour_clean"]).predict(observed), truth,
-                     attack=name, majority_token=majority, vocab_size=vocab_size) for name in names]
+                   for noisy in {learned[name][1] for name in names}}
+    results = []
+    for name in names:
+        make, noisy = learned[name]
+        results.append(score(make().fit(*public_sent[noisy]).predict(observed), truth, attack=name,
+                             majority_token=majority, vocab_size=vocab_size))
     best = max(results, key=lambda r: r.recovery)
     return replace(best, candidates={r.attack: r.recovery for r in results}) if len(results) > 1 else best
 
