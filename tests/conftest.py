@@ -50,7 +50,10 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115  (the server writes it)
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115  (the server writes it)
+        # no job-runner process (MLflow 3's huey consumer): the tests schedule no server jobs, and its start-up
+        # competed with the tests for the 2 cores
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -125,6 +125,28 @@ def test_heterogeneous_composition_matches_pld():
     assert epsilon == pytest.approx(pld_epsilon(events, 1e-5), rel=0.03)
 
 
+@pytest.mark.parametrize("history", [[(1.0, 0.01, 2_000)], [(1.0, 0.01, 2_000), (2.0, 0.05, 500), (0.8, 0.002, 5_000)],
+                                     [(0.7, 1 / 3, 3), (5.0, 1.0, 1), (0.9, 1 / 3, 3)]])
+def test_cached_accountants_are_opacus_exactly(history):
+    """The RDP accountant and PRV's discretisation domain come from RDP curves cached per (sigma, q): they must equal
+    Opacus' own, to the last bit (the PLD oracle above would not notice a slightly wider domain)."""
+    from opacus.accountants import RDPAccountant
+
+    from privacy.accounting import _PRVAccountant
+
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert compose_epsilon([event(*e) for e in history], delta=1e-5, accountant="rdp") == rdp.get_epsilon(1e-5)
+    theirs, ours = PRVAccountant(), _PRVAccountant()
+    theirs.history = ours.history = list(history)
+    for eps_error, delta_error in ((0.01, 1e-8), (0.3, 1e-9)):
+        dprv_theirs = theirs._get_dprv(eps_error=eps_error, delta_error=delta_error)
+        dprv_ours = ours._get_dprv(eps_error=eps_error, delta_error=delta_error)
+        assert dprv_ours.domain == dprv_theirs.domain
+        assert dprv_ours.compute_epsilon(1e-5, delta_error, eps_error) == dprv_theirs.compute_epsilon(
+            1e-5, delta_error, eps_error)
+
+
 @pytest.mark.parametrize("accountant", sorted(ACCOUNTANTS))
 def test_split_run_equals_single_run(accountant):
     whole = compose_epsilon([event(1.2, 0.02, 1_000)], delta=1e-5, accountant=accountant)
