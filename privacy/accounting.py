@@ -95,14 +95,16 @@ def _check_delta(delta: float) -> None:
 def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """One step's RDP at Opacus' default orders, cached per (sigma, q): its fractional orders cost about 0.1 s a
     curve, and a ledger composes the same events again and again."""
-    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                     orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)  # shared by every later call: an in-place update would corrupt them all
+    return curve
 
 
 def _rdp_epsilon(history: History, delta: float) -> float:
     """Opacus RDP accountant (`RDPAccountant.get_epsilon`: its default orders, `get_privacy_spent`) from cached
     curves: an upper bound on epsilon, typically 5-20% above the PRV/PLD value."""
-    rdp = sum(steps * _rdp_curve(sigma, q) for sigma, q, steps in history)
+    rdp = sum(steps * _rdp_curve(float(sigma), float(q)) for sigma, q, steps in history)
     with warnings.catch_warnings():  # "optimal order is the largest alpha": still an upper bound
         warnings.simplefilter("ignore", UserWarning)
         epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
@@ -132,8 +134,10 @@ _FAST_ORDERS = (*range(2, 33), 40, 48, 64, 96, 128)
 
 @functools.lru_cache(maxsize=4096)
 def _fast_rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                    orders=list(_FAST_ORDERS))
+    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                     orders=list(_FAST_ORDERS))
+    curve.setflags(write=False)
+    return curve
 
 
 def _fast_rdp_epsilon(history: History, delta: float) -> float:

@@ -125,26 +125,40 @@ def test_heterogeneous_composition_matches_pld():
     assert epsilon == pytest.approx(pld_epsilon(events, 1e-5), rel=0.03)
 
 
-@pytest.mark.parametrize("history", [[(1.0, 0.01, 2_000)], [(1.0, 0.01, 2_000), (2.0, 0.05, 500), (0.8, 0.002, 5_000)],
-                                     [(0.7, 1 / 3, 3), (5.0, 1.0, 1), (0.9, 1 / 3, 3)]])
-def test_cached_accountants_are_opacus_exactly(history):
-    """The RDP accountant and PRV's discretisation domain come from RDP curves cached per (sigma, q): they must equal
-    Opacus' own, to the last bit (the PLD oracle above would not notice a slightly wider domain)."""
-    from opacus.accountants import RDPAccountant
+# (history, eps_error, delta_error, the term of Opacus' domain bound that decides it): the composition's RDP bound,
+# one event's own bound (a single Gaussian release beside a nearly free run), or eps_error itself (almost no loss).
+DOMAIN_CASES = [
+    ([(1.0, 0.01, 2_000)], 0.01, 1e-8, "composition"),
+    ([(1.0, 0.01, 2_000), (2.0, 0.05, 500), (0.8, 0.002, 5_000)], 0.3, 1e-9, "composition"),
+    ([(0.7, 1 / 3, 3), (5.0, 1.0, 1), (0.9, 1 / 3, 3)], 0.01, 1e-8, "composition"),
+    ([(1.0, 1.0, 1), (100.0, 0.001, 1_000)], 0.01, 1e-8, "one event"),
+    ([(1e3, 0.001, 1)], 0.5, 1e-9, "eps_error"),
+]
 
-    from privacy.accounting import _PRVAccountant
+
+@pytest.mark.parametrize(("history", "eps_error", "delta_error", "decides"), DOMAIN_CASES)
+def test_cached_accountants_are_opacus_exactly(history, eps_error, delta_error, decides):
+    """The RDP accountant and PRV's discretisation domain come from RDP curves cached per (sigma, q): they must equal
+    Opacus' own, to the last bit (the PLD oracle above would not notice a slightly wider domain), whichever term
+    of the domain bound decides it."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    from privacy.accounting import _PRVAccountant, _rdp_epsilon
 
     rdp = RDPAccountant()
     rdp.history = list(history)
     assert compose_epsilon([event(*e) for e in history], delta=1e-5, accountant="rdp") == rdp.get_epsilon(1e-5)
-    theirs, ours = PRVAccountant(), _PRVAccountant()
-    theirs.history = ours.history = list(history)
-    for eps_error, delta_error in ((0.01, 1e-8), (0.3, 1e-9)):
-        dprv_theirs = theirs._get_dprv(eps_error=eps_error, delta_error=delta_error)
-        dprv_ours = ours._get_dprv(eps_error=eps_error, delta_error=delta_error)
-        assert dprv_ours.domain == dprv_theirs.domain
-        assert dprv_ours.compute_epsilon(1e-5, delta_error, eps_error) == dprv_theirs.compute_epsilon(
-            1e-5, delta_error, eps_error)
+    total = sum(steps for _, _, steps in history)
+    terms = {"composition": _rdp_epsilon(history, delta_error / 4), "eps_error": eps_error,
+             "one event": max(_rdp_epsilon([(s, q, 1)], delta_error / (8 * total)) for s, q, _ in history)}
+    assert max(terms, key=terms.get) == decides  # the case tests the term it names
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    steps = [steps for _, _, steps in history]
+    ours = _PRVAccountant()._get_domain(prvs=prvs, num_self_compositions=steps, eps_error=eps_error,
+                                        delta_error=delta_error)
+    assert ours == PRVAccountant()._get_domain(prvs=prvs, num_self_compositions=steps, eps_error=eps_error,
+                                               delta_error=delta_error)
 
 
 @pytest.mark.parametrize("accountant", sorted(ACCOUNTANTS))
