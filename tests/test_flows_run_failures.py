@@ -171,8 +171,11 @@ def test_a_server_that_exits_while_starting_is_one_line():
 
 # `python -m flows.cli`, with the teacher's model loading replaced by a wait that says when it began (Ctrl-C then lands
 # inside a stage, as in a long training run, whatever the machine's speed)
+# Ctrl-C as in a terminal's foreground job: a suite started in the background (`pytest ... &` from a script) passes
+# SIGINT down ignored, and Python then keeps it ignored (the run would hang in the teacher).
 LAUNCH = """\
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import tasks.teacher
 def hang(*args, **kwargs):
     print("test: the teacher started", file=sys.stderr, flush=True)
