@@ -70,13 +70,6 @@ def inputs_key(stage: str, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def save_once(path: Path, compute) -> Path:
-    """`path` if it exists, else `compute()` saved there atomically first (public, per-input caches shared by lines)."""
-    if not path.exists():
-        files.torch_save(compute(), path)
-    return path
-
-
 def stage_dir(output_dir: str | Path, stage: str, inputs: dict[str, Any]) -> Path:
     """Where a stage writes: one folder per distinct input, so a changed setting never overwrites a result."""
     return Path(output_dir) / "stages" / f"{stage}-{inputs_key(stage, inputs)[:12]}"
