@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,12 @@ def test_resume_command_is_absolute_and_quoted(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def server_processes(monkeypatch) -> list[subprocess.Popen]:
-    """The temporary Prefect servers `dpcompress run` starts in this test (recorded as they are waited for)."""
+def server_processes(monkeypatch) -> Iterator[list[subprocess.Popen]]:
+    """The temporary Prefect servers `dpcompress run` starts in this test (recorded as they are waited for). The
+    API URL is unset for the test: a session's Prefect harness that an earlier test left active in this worker's
+    process would otherwise stand in for the temporary server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     started, wait = [], server._wait_until_healthy
 
     def recording(process, url, timeout_s):
@@ -72,7 +77,8 @@ def server_processes(monkeypatch) -> list[subprocess.Popen]:
         return wait(process, url, timeout_s)
 
     monkeypatch.setattr(server, "_wait_until_healthy", recording)
-    return started
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield started
 
 
 def _group_gone(pgid: int) -> bool:
