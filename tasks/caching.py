@@ -23,9 +23,8 @@ from tasks.serializer import RefSerializer
 
 log = logging.getLogger(__name__)
 _PACKAGES = ("compression", "privacy", "tasks")
-# Where results are logged does not change what they are: a new study run reuses the stages it shares. Nor does the
-# run that charges the dataset ledger (a fresh id per run): a RunContext is never in a key.
-NOT_IN_KEY = frozenset({"on_step", "tracking_uri", "parent_run_id", "account", "context"})
+# Where results are logged does not change what they are, so the tasks leave the tracking URI, the parent run and the
+# RunContext (a fresh ledger id per run) out of the `inputs` they key by: a new study run reuses the stages it shares.
 # Fields that cannot change a result: how often a crash-safe checkpoint is written, and the MLflow run an upstream
 # reference was logged to (a property of the tracking store, not of the model).
 FIELDS_NOT_IN_KEY = frozenset({"checkpoint_every", "run_id"})

@@ -66,9 +66,9 @@ def test_resume_command_is_absolute_and_quoted(tmp_path, monkeypatch):
 @pytest.fixture
 def server_processes(monkeypatch) -> Iterator[list[subprocess.Popen]]:
     """The temporary Prefect servers `dpcompress run` starts in this test (recorded as they are waited for). The
-    API URL is unset for the test: a session's Prefect harness that an earlier test left active in this worker's
-    process would otherwise stand in for the temporary server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    API URL and the server's database are the defaults for the test: a session's Prefect harness that an earlier test
+    left active in this worker's process would otherwise stand in for the temporary server, or lend it its database."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
     started, wait = [], server._wait_until_healthy
 
@@ -77,7 +77,7 @@ def server_processes(monkeypatch) -> Iterator[list[subprocess.Popen]]:
         return wait(process, url, timeout_s)
 
     monkeypatch.setattr(server, "_wait_until_healthy", recording)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL}):
         yield started
 
 
@@ -229,7 +229,7 @@ def test_ctrl_c_in_a_real_process_exits_130_and_stops_the_temporary_server(study
         servers = [pid for pid in _children(process.pid) if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(servers) == 1, _children(process.pid)
         os.killpg(process.pid, signal.SIGINT)
-        code = process.wait(timeout=120)  # 30 s timed out once on 2 loaded cores
+        code = process.wait(timeout=120)  # it stops its server first; slack for 2 loaded cores
         survived = [pid for pid in servers if not _group_gone(pid)]
     finally:
         if process.poll() is None:
