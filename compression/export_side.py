@@ -14,8 +14,7 @@ from compression.methods.side_network import Gate, LadderSide
 
 _SIDE_HEADER = '''"""A dpcompress side model: a frozen HF base model (its own config nested, built with AutoModel)
 whose hidden states feed a ladder side network (Ladder Side-Tuning) through down-projections and gates; pooling; a
-linear head on the side network's output (and, with the spec's `head_reads_backbone`, on the last base-model state
-the side network reads). Written by dpcompress (compression/export_side.py); depends only on torch
+linear head on the side network's output. Written by dpcompress (compression/export_side.py); depends only on torch
 and transformers."""
 import copy
 
@@ -38,8 +37,7 @@ class DPCompressSideConfig(DPCompressConfig):
 
 class DPCompressSideForSequenceClassification(DPCompressForSequenceClassification):
     """The base model (frozen weights) -> its hidden states after the embeddings and after every layer the side network
-    follows -> the side network -> pooling over real tokens -> dropout -> linear classifier (on the pooled side output,
-    and the pooled last state the side network reads when the spec's `head_reads_backbone` is set)."""
+    follows -> the side network -> pooling over real tokens -> dropout -> linear classifier."""
 
     config_class = DPCompressSideConfig
 
@@ -49,19 +47,14 @@ class DPCompressSideForSequenceClassification(DPCompressForSequenceClassificatio
         for name in config.layers_path.split("."):
             layers = getattr(layers, name)
         self.side = LadderSide(self.encoder.config, config.side, type(layers[0]))
-        self.reads_backbone = bool(config.side.get("head_reads_backbone", False))
-        width = config.side["hidden_size"] + (config.side["backbone_hidden_size"] if self.reads_backbone else 0)
-        self.classifier = nn.Linear(width, config.num_labels)
+        self.classifier = nn.Linear(config.side["hidden_size"], config.num_labels)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         mask, inputs = self._inputs(input_ids, attention_mask, token_type_ids, kwargs)
         states = self.encoder(**inputs, output_hidden_states=True).hidden_states
         hidden = self.side(torch.stack([states[i] for i in self.side.taps], dim=2), mask)
-        pooled = self._pool(hidden, mask)
-        if self.reads_backbone:
-            pooled = torch.cat([pooled, self._pool(states[self.side.taps[-1]], mask)], dim=-1)
-        return self._output(pooled, labels)
+        return self._output(self._pool(hidden, mask), labels)
 
 
 # --- what export_hf writes ---------------------------------------------------------------------------------------

@@ -36,17 +36,12 @@ def _inputs(ids):
 
 
 def _side(model_type="bert", reduction=2, seed=1, **kw):
-    """A side model on a tiny backbone without dropout; gate alphas moved off 0 so that every gate matters (and a
-    head reading the backbone too gets nonzero weights on the side network's output, which start at zero)."""
+    """A side model on a tiny backbone without dropout; gate alphas moved off 0 so that every gate matters."""
     config = SideConfig(reduction=reduction, **kw)
     model = prepare(build_tiny(model_type=model_type, num_layers=3, dropout=0.0, seed=seed), config)
     with torch.no_grad():
         for k, gate in enumerate(model.side.gates):
             gate.alpha.weight.fill_(0.05 * (k + 1))
-        if config.head_reads_backbone:
-            width = model.side.spec["hidden_size"]
-            g = torch.Generator().manual_seed(seed)
-            model.head.weight[:, :width] = 0.3 * torch.randn(model.num_labels, width, generator=g)
     return model, config
 
 
@@ -58,26 +53,6 @@ def test_reduction_one_reproduces_the_backbone(model_type):
     with torch.no_grad():
         torch.testing.assert_close(side.hidden_states(*inputs), backbone.hidden_states(*inputs), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(side(*inputs), backbone(*inputs), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("drop_layers", [(), (0,)])
-def test_a_head_reading_the_backbone_starts_as_the_given_model(drop_layers):
-    """head_reads_backbone: the head reads [pooled side output, pooled last backbone state]; its backbone columns
-    start as the given model's head and its side columns at zero, so the side model computes what it was given."""
-    backbone = build_tiny(num_layers=3, dropout=0.0, seed=4).eval()
-    with torch.no_grad():
-        backbone.head.bias.copy_(torch.tensor([0.3, -0.2]))
-    model = prepare(backbone, SideConfig(reduction=4, drop_layers=drop_layers, head_reads_backbone=True)).eval()
-    width = model.side.spec["hidden_size"]
-    assert tuple(model.head.weight.shape) == (2, width + 32)
-    assert float(model.head.weight[:, :width].abs().sum()) == 0
-    inputs = _inputs(_batch(n=4, seed=7)[0])
-    with torch.no_grad():
-        torch.testing.assert_close(model(*inputs), backbone(*inputs), rtol=1e-5, atol=1e-6)
-        side_only = prepare(build_tiny(num_layers=3, dropout=0.0, seed=4), SideConfig(reduction=4)).eval()
-        assert not torch.allclose(side_only(*inputs), backbone(*inputs), atol=1e-3)  # the default head does not
-    with pytest.raises(ValueError, match="head_reads_backbone"):
-        SideConfig(head_reads_backbone="yes")
 
 
 def test_gate_mixes_side_and_ladder_with_mu_sigmoid_alpha_over_t():
@@ -128,11 +103,10 @@ def _oracle_update(model, ids, labels, clip, clipping):
     return total
 
 
-@pytest.mark.parametrize("reads_backbone", [False, True])
 @pytest.mark.parametrize("clip", [0.01, 1e6])  # every example clipped / none clipped
 @pytest.mark.parametrize("mode,clipping", MODES_CLIPPINGS)
-def test_dp_step_on_cached_states_matches_the_microbatch_oracle(mode, clipping, clip, reads_backbone):
-    model, config = _side(head_reads_backbone=reads_backbone)
+def test_dp_step_on_cached_states_matches_the_microbatch_oracle(mode, clipping, clip):
+    model, config = _side()
     model.double()  # float64: exact up to rounding
     plan = stage_plan(model, config)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -202,9 +176,8 @@ def test_side_attention_dropout_defaults_to_none_and_survives_saving(tmp_path, t
         SideConfig(attention_dropout=1.0)
 
 
-@pytest.mark.parametrize("reads_backbone", [False, True])
-def test_save_and_export_round_trip(tmp_path, tokenizer, reads_backbone):
-    model, config = _side(model_type="roberta", drop_layers=(1,), head_reads_backbone=reads_backbone)
+def test_save_and_export_round_trip(tmp_path, tokenizer):
+    model, config = _side(model_type="roberta", drop_layers=(1,))
     model = merge(model, config).eval()
     inputs = _inputs(_batch(n=3, seed=5, vocab=12)[0])
     expected = model(*inputs).detach()

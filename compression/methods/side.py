@@ -29,18 +29,13 @@ class SideConfig:
     temperature: T of the gates, mu = sigmoid(alpha / T). attention_dropout: dropout on the side layers' attention
     probabilities (0 by default: with any, PyTorch's scaled-dot-product attention falls back to its math kernel, which
     keeps every layer's `[B, heads, L, L]` attention maps for backward, the bulk of the side network's training
-    memory; the side layers' other dropouts are the backbone's). head_reads_backbone: the head also reads the pooled
-    last backbone state the ladders read (the backbone's output unless its last layer is dropped), beside the side
-    network's; its weights for it start as the backbone's head and those for the side network's output at zero, so the
-    side model starts as the model it was given (false: Ladder-Side-Tuning's head on the side network's output alone,
-    initialised by slicing the backbone's head)."""
+    memory; the side layers' other dropouts are the backbone's)."""
 
     name: Literal["side"] = "side"
     reduction: int = 8
     drop_layers: tuple[int, ...] = ()
     temperature: float = 0.1
     attention_dropout: float = 0.0
-    head_reads_backbone: bool = False
 
     def __post_init__(self):
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
@@ -51,15 +46,11 @@ class SideConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 <= self.attention_dropout < 1:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        if not isinstance(self.head_reads_backbone, bool):
-            raise ValueError(f"head_reads_backbone must be true or false, got {self.head_reads_backbone!r}")
 
 
 class SideClassifier(TextClassifier):
     """A frozen backbone (`encoder`, run without autograd) whose hidden states feed `side`, a `LadderSide`; its output
-    is pooled as the backbone's would be and classified by `head` (`[num_labels, side hidden]`; with the spec's
-    `head_reads_backbone`, `[num_labels, side hidden + backbone hidden]` over the side network's pooled output and the
-    pooled last state the ladders read).
+    is pooled as the backbone's would be and classified by `head` (`[num_labels, side hidden]`).
 
     Saved by `save_classifier` (the side network as an extra file) and exported by `compression.export.export_hf` (a
     remote-code class that runs the backbone, then the side network)."""
@@ -70,9 +61,7 @@ class SideClassifier(TextClassifier):
                  dropout: float = 0.1):
         super().__init__(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout)
         self.side = side
-        self.reads_backbone = bool(side.spec.get("head_reads_backbone", False))
-        width = side.spec["hidden_size"] + (side.spec["backbone_hidden_size"] if self.reads_backbone else 0)
-        self.head = nn.Linear(width, num_labels)
+        self.head = nn.Linear(side.spec["hidden_size"], num_labels)
 
     @torch.no_grad()
     def backbone_states(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
@@ -87,20 +76,13 @@ class SideClassifier(TextClassifier):
 
     def side_logits(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits from the backbone's states (`backbone_states`, cached or not): side network, pooling, head."""
-        return self.head(self.dropout(self.head_input(states, attention_mask)))
-
-    def head_input(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """What the head reads: the side network's pooled output (and the pooled last backbone state it reads)."""
-        pooled = self.pool_states(self.side(states, attention_mask), attention_mask)
-        if not self.reads_backbone:
-            return pooled
-        return torch.cat([pooled, self.pool_states(states[:, :, -1], attention_mask)], dim=-1)
+        return self.head(self.dropout(self.pool_states(self.side(states, attention_mask), attention_mask)))
 
     def hidden_states(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         return self.side(self.backbone_states(input_ids, attention_mask, token_type_ids), attention_mask)
 
     def features(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        return self.head_input(self.backbone_states(input_ids, attention_mask, token_type_ids), attention_mask)
+        return self.pool_states(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
 
     def top(self, hidden, attention_mask, *, start_layer):
         raise ValueError("a side model trains its side network only (method 'side'); the backbone stays frozen")
@@ -127,8 +109,7 @@ def _prepare(model: TextClassifier, config: SideConfig) -> SideClassifier:
     if isinstance(model, SideClassifier):
         return model
     spec = side_spec(model, reduction=config.reduction, drop_layers=config.drop_layers,
-                     temperature=config.temperature, attention_dropout=config.attention_dropout,
-                     head_reads_backbone=config.head_reads_backbone)
+                     temperature=config.temperature, attention_dropout=config.attention_dropout)
     with torch.random.fork_rng(devices=[]):  # the modules' own init draws from the global RNG: leave it untouched
         side = LadderSide(model.encoder.config, spec, type(model.layers[0])).to(model.head.weight)
         out = SideClassifier(model.encoder, side=side, num_labels=model.num_labels, pooling=model.pooling,

@@ -13,7 +13,7 @@ from compression.pruning.structured import magnitude_scores
 
 
 def side_spec(model, *, reduction: int, drop_layers: tuple[int, ...], temperature: float,
-              attention_dropout: float = 0.0, head_reads_backbone: bool = False) -> dict:
+              attention_dropout: float = 0.0) -> dict:
     """The `LadderSide` spec for `model` (a BERT-like `TextClassifier` with uniform layers): widths divided by
     `reduction` (each head's by it, rounded down, at least 1; the head count kept), no side layer for the backbone
     layers in `drop_layers`."""
@@ -33,8 +33,7 @@ def side_spec(model, *, reduction: int, drop_layers: tuple[int, ...], temperatur
     return {"reduction": reduction, "backbone_hidden_size": config.hidden_size,
             "hidden_size": heads * max(1, head_size // reduction),
             "intermediate_size": max(1, config.intermediate_size // reduction), "layers": kept,
-            "temperature": temperature, "attention_dropout": attention_dropout,
-            "head_reads_backbone": head_reads_backbone}
+            "temperature": temperature, "attention_dropout": attention_dropout}
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -91,9 +90,8 @@ def _init_layer(side_layer: nn.Module, layer: nn.Module, hidden: torch.Tensor, *
 @torch.no_grad()
 def init_from_backbone(side, model, head: nn.Linear) -> torch.Tensor:
     """Initialise `side` (a `LadderSide` of `side_spec(model, ...)`) and the side `head` from `model` by structured
-    pruning: layers sliced, down-projections selecting the kept hidden dimensions, the head reading them (with the
-    spec's `head_reads_backbone`: the backbone's head on the backbone's columns, zero on the side network's). Returns
-    the kept hidden dimensions. With reduction 1 and no dropped layer the side network reproduces the backbone."""
+    pruning: layers sliced, down-projections selecting the kept hidden dimensions, the head reading them. Returns the
+    kept hidden dimensions. With reduction 1 and no dropped layer the side network reproduces the backbone."""
     spec, config = side.spec, model.encoder.config
     head_size = config.hidden_size // config.num_attention_heads
     side_head = spec["hidden_size"] // config.num_attention_heads
@@ -106,10 +104,5 @@ def init_from_backbone(side, model, head: nn.Linear) -> torch.Tensor:
         down.weight.zero_()
         down.weight[torch.arange(len(hidden)), hidden] = 1.0
         down.bias.zero_()
-    if spec.get("head_reads_backbone", False):
-        head.weight.zero_()
-        head.weight[:, spec["hidden_size"]:] = model.head.weight.detach()
-        head.bias.copy_(model.head.bias.detach())
-    else:
-        _copy(head, model.head, torch.arange(model.num_labels), hidden)
+    _copy(head, model.head, torch.arange(model.num_labels), hidden)
     return hidden
