@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -87,6 +89,9 @@ def end_study(*, uri: str, run_id: str, failed: bool = False, table: list[dict] 
     mlflow_client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
+_DATASET_TRIES = 3  # attempts at logging a run's dataset inputs (see StageRun.datasets)
+
+
 class StageRun:
     """A nested run for one stage; methods log through the client (safe from any thread). What it logs (params,
     final metrics, tags, artifacts) is kept in `logged`, so that a stage reused from its folder can be logged again
@@ -130,7 +135,16 @@ class StageRun:
         """Log dataset inputs given as `dataset_entry` dicts (what `logged` keeps)."""
         inputs = [DatasetInput(Dataset(**{k: v for k, v in entry.items() if k != "context"}),
                                tags=[InputTag("mlflow.data.context", entry["context"])]) for entry in entries]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        for attempt in range(_DATASET_TRIES):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                break
+            except MlflowException as error:
+                # MLflow creates a dataset row by look-up-then-insert: two runs logging the same dataset at once
+                # (parallel workers on one store) can collide; the retry finds the row the other run created
+                if "UNIQUE constraint failed: datasets" not in str(error) or attempt == _DATASET_TRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         self.logged["datasets"] += entries
 
 
