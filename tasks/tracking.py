@@ -90,6 +90,8 @@ def end_study(*, uri: str, run_id: str, failed: bool = False, table: list[dict] 
 
 
 _DATASET_TRIES = 3  # attempts at logging a run's dataset inputs (see StageRun.datasets)
+# how MLflow's sqlite and PostgreSQL stores report a second insert of one dataset row
+_DATASET_COLLISIONS = ("UNIQUE constraint failed: datasets", 'unique constraint "dataset_pk"')
 
 
 class StageRun:
@@ -142,7 +144,7 @@ class StageRun:
             except MlflowException as error:
                 # MLflow creates a dataset row by look-up-then-insert: two runs logging the same dataset at once
                 # (parallel workers on one store) can collide; the retry finds the row the other run created
-                if "UNIQUE constraint failed: datasets" not in str(error) or attempt == _DATASET_TRIES - 1:
+                if not any(marker in str(error) for marker in _DATASET_COLLISIONS) or attempt == _DATASET_TRIES - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
         self.logged["datasets"] += entries

@@ -253,9 +253,10 @@ class _CollidingClient:
 _ENTRY = {"name": "sst2", "digest": "0" * 32, "source_type": "local", "source": "glue/SST-2", "context": "training"}
 
 
-def test_two_runs_logging_one_dataset_at_once_retry_past_the_collision(monkeypatch):
+@pytest.mark.parametrize("message", [None, 'duplicate key value violates unique constraint "dataset_pk"'])
+def test_two_runs_logging_one_dataset_at_once_retry_past_the_collision(monkeypatch, message):
     monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    client = _CollidingClient(failures=tracking._DATASET_TRIES - 1)
+    client = _CollidingClient(tracking._DATASET_TRIES - 1, **({"message": message} if message else {}))
     run = tracking.StageRun(client, "run")
     run.datasets([dict(_ENTRY)])
     assert client.calls == tracking._DATASET_TRIES and run.logged["datasets"] == [_ENTRY]
