@@ -237,11 +237,15 @@ def test_the_champion_serves_labels_over_http(released):
     assert all(0.5 <= p["score"] <= 1.0 for p in predictions)
 
 
-class _CollidingClient:
-    """`log_inputs` fails with MLflow's dataset-row collision `failures` times, then succeeds."""
+_SQLITE_COLLISION = ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+                     "datasets.digest")
 
-    def __init__(self, failures: int, message: str = "(sqlite3.IntegrityError) UNIQUE constraint failed: "
-                                                     "datasets.experiment_id, datasets.name, datasets.digest"):
+
+class _CollidingClient:
+    """`log_inputs` raises `message` (MLflow's dataset-row collision, or another error) `failures` times, then
+    succeeds."""
+
+    def __init__(self, failures: int, message: str):
         self.failures, self.message, self.calls = failures, message, 0
 
     def log_inputs(self, run_id, datasets):
@@ -253,20 +257,21 @@ class _CollidingClient:
 _ENTRY = {"name": "sst2", "digest": "0" * 32, "source_type": "local", "source": "glue/SST-2", "context": "training"}
 
 
-@pytest.mark.parametrize("message", [None, 'duplicate key value violates unique constraint "dataset_pk"'])
+@pytest.mark.parametrize("message", [_SQLITE_COLLISION, 'duplicate key value violates unique constraint "dataset_pk"'])
 def test_two_runs_logging_one_dataset_at_once_retry_past_the_collision(monkeypatch, message):
     monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    client = _CollidingClient(tracking._DATASET_TRIES - 1, **({"message": message} if message else {}))
+    client = _CollidingClient(tracking._DATASET_TRIES - 1, message)
     run = tracking.StageRun(client, "run")
     run.datasets([dict(_ENTRY)])
     assert client.calls == tracking._DATASET_TRIES and run.logged["datasets"] == [_ENTRY]
 
 
-@pytest.mark.parametrize("failures, message", [(tracking._DATASET_TRIES, None), (1, "RESOURCE_DOES_NOT_EXIST: run")])
+@pytest.mark.parametrize("failures, message", [(tracking._DATASET_TRIES, _SQLITE_COLLISION),
+                                               (1, "RESOURCE_DOES_NOT_EXIST: run")])
 def test_a_lasting_collision_or_another_error_is_raised_not_swallowed(monkeypatch, failures, message):
     monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    client = _CollidingClient(failures, **({"message": message} if message else {}))
+    client = _CollidingClient(failures, message)
     run = tracking.StageRun(client, "run")
     with pytest.raises(mlflow.exceptions.MlflowException):
         run.datasets([dict(_ENTRY)])
-    assert client.calls == (1 if message else tracking._DATASET_TRIES) and run.logged["datasets"] == []
+    assert client.calls == failures and run.logged["datasets"] == []
