@@ -97,12 +97,14 @@ def _key(job: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's memory and time as ratios to DP full fine-tuning on the same model and length."""
+    """Each row's memory and time as ratios to DP full fine-tuning on the same model and length. A baseline value
+    that is not positive has no ratio: with --quick every configuration shares one process, and the baseline's own
+    job memory can round to nothing (or below) once earlier configurations have grown the heap."""
     for r in rows:
         base = next((b for b in rows if (b["model"], b["seq_len"], b["method"], b["dp"]) ==
                      (r["model"], r["seq_len"], *BASELINE)), {})
         for k in ("peak_mb", "job_peak_mb", "step_mb", "cuda_peak_mb", "median_step_s"):
-            if k in r and base.get(k):
+            if k in r and base.get(k, 0) > 0:
                 r[f"{k}_ratio"] = r[k] / base[k]
     return rows
 
