@@ -102,6 +102,17 @@ def _tags(record: dict) -> dict:
             "cti": str(record["cti"]).lower(), "noise": record["noise"]}
 
 
+def attack_logged(found: dict) -> tuple[dict, dict]:
+    """The metrics and tags an attack's results log to its stage's run. MLflow cannot delete a metric, so a stage
+    attacked again with fewer kinds keeps its old `attack_recovery_<kind>`; the tag `attack_candidates` names the
+    kinds this attack ran (one kind logs no per-kind metric)."""
+    candidates = found.get("candidates", {})
+    metrics = {"attack_recovery": found["recovery"], "empirical_privacy": found["empirical_privacy"]}
+    return metrics | {f"attack_recovery_{name}": v for name, v in candidates.items()}, {
+        "attack": found["attack"], "attacked_text": "dev (held out)",
+        "attack_candidates": ",".join(sorted(candidates)) or found["attack"]}
+
+
 @task(name="split_attack", **FOLDER_CACHED)
 def split_attack(*, split_layer: int, stages: list[SplitRef], configs: dict[str, SplitConfig], data: DataRef,
                  public: list[DataRef], model: ModelConfig, settings: AttackConfig, max_train_examples: int | None,
@@ -136,11 +147,8 @@ def split_attack(*, split_layer: int, stages: list[SplitRef], configs: dict[str,
             mark_finished(out, done)
         results[ref.stage], digests = done.results, digests | done.files
         if ref.run_id:
-            candidates = {f"attack_recovery_{name}": v for name, v in done.results.get("candidates", {}).items()}
-            tracking.log_once(tracking_uri, ref.run_id, {"attack_recovery": done.results["recovery"],
-                                                         "empirical_privacy": done.results["empirical_privacy"]}
-                              | candidates,
-                              tags={"attack": done.results["attack"], "attacked_text": "dev (held out)"})
+            metrics, tags = attack_logged(done.results)
+            tracking.log_once(tracking_uri, ref.run_id, metrics, tags=tags)
     return EvalRef(stage=f"split_attack_k{split_layer}", model_sha256="", results=results, files=digests)
 
 

@@ -27,6 +27,20 @@ def _errors(split: dict, task: str = "sst2") -> str:
     return str(err.value)
 
 
+def test_an_attack_logs_which_kinds_it_ran_beside_metrics_that_mlflow_cannot_delete():
+    from tasks.split import attack_logged
+
+    every = {"attack": "neighbour_clean", "recovery": 0.4, "empirical_privacy": 0.6,
+             "candidates": {"linear": 0.2, "neighbour_clean": 0.4, "neighbour": 0.3}}
+    metrics, tags = attack_logged(every)
+    assert metrics == {"attack_recovery": 0.4, "empirical_privacy": 0.6, "attack_recovery_linear": 0.2,
+                       "attack_recovery_neighbour_clean": 0.4, "attack_recovery_neighbour": 0.3}
+    assert tags["attack_candidates"] == "linear,neighbour,neighbour_clean" and tags["attack"] == "neighbour_clean"
+    # attacked again with one kind: no per-kind metric, and the tag no longer names the earlier kinds
+    metrics, tags = attack_logged({"attack": "linear", "recovery": 0.2, "empirical_privacy": 0.8, "candidates": {}})
+    assert metrics == {"attack_recovery": 0.2, "empirical_privacy": 0.8} and tags["attack_candidates"] == "linear"
+
+
 def test_the_split_section_names_every_bad_field():
     assert "s.yaml: split.etas: include inf" in _errors({"etas": [50]})
     assert "split.etas: give distinct etas > 0" in _errors({"etas": ["inf", 0]})
@@ -153,6 +167,7 @@ def test_split_branch_end_to_end_records_local_guarantees_and_reruns_from_cache(
     assert stage_run.data.tags["guarantee"] == "local dχ guarantee, no central DP"
     assert stage_run.data.tags["dx_eta"] == "20.0" and "attack_recovery" in stage_run.data.metrics
     assert {f"attack_recovery_{k}" for k in ("linear", "neighbour", "neighbour_clean")} <= set(stage_run.data.metrics)
+    assert stage_run.data.tags["attack_candidates"] == "linear,neighbour,neighbour_clean"
     assert [d.dataset.name for d in stage_run.inputs.dataset_inputs] == ["sst2"]  # the private data it trained on
 
     before = {p.name: p.stat().st_mtime_ns for p in (study_dir / "stages").iterdir()}
